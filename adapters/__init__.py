@@ -1,0 +1,1 @@
+"""Source adapters: the plugin API (``adapters.base``) and the built-in adapters."""

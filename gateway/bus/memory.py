@@ -1,0 +1,243 @@
+"""The in-process bus: the embedded mode's broker, with RabbitMQ's delivery semantics.
+
+It routes like RabbitMQ (topic and fanout exchanges, ``mandatory`` returns), honours the quorum
+queue arguments the gateway declares (delivery limit, dead-letter exchange, ``x-max-length`` with
+``reject-publish``), and requeues unacknowledged deliveries when a consumer closes. Messages live
+in memory: the outbox is the durable copy, so a process restart loses nothing that was accepted.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.bus.protocols import BusHealth, Delivery, Message, Outcome
+from gateway.bus.topology import QueueSpec, Topology, topic_matches
+from gateway.errors import ConfigurationError
+
+__all__ = ["InMemoryBus", "InMemoryPublisher", "InMemoryConsumer"]
+
+
+@dataclass
+class _Queued:
+    message: Message
+    exchange: str
+    headers: dict[str, Any]
+    deliveries: int = 0
+
+
+@dataclass
+class _Queue:
+    spec: QueueSpec
+    items: deque[_Queued] = field(default_factory=deque)
+
+
+class InMemoryBus:
+    """A broker inside the process. Thread-safe."""
+
+    kind = "memory"
+
+    def __init__(self, topology: Topology) -> None:
+        self.topology = topology
+        self._cond = threading.Condition()
+        self._exchanges: dict[str, str] = {}
+        self._queues: dict[str, _Queue] = {}
+        self._bindings: list[tuple[str, str, str]] = []  # exchange, pattern, queue
+        self._closed = False
+
+    # -- topology
+    def declare_topology(self) -> None:
+        """Declare the gateway topology (idempotent; a changed argument is an error)."""
+        with self._cond:
+            for name, kind in self.topology.exchanges():
+                self.declare_exchange(name, kind)
+            for spec in self.topology.queues():
+                self.declare_queue(spec)
+
+    def declare_exchange(self, name: str, kind: str) -> None:
+        with self._cond:
+            have = self._exchanges.setdefault(name, kind)
+            if have != kind:
+                raise ConfigurationError(f"exchange {name!r} exists as {have}, declared as {kind}")
+
+    def declare_queue(self, spec: QueueSpec) -> None:
+        with self._cond:
+            q = self._queues.get(spec.name)
+            if q is None:
+                self._queues[spec.name] = _Queue(spec)
+            elif q.spec.arguments != spec.arguments:
+                raise ConfigurationError(
+                    f"PRECONDITION_FAILED: queue {spec.name!r} exists with arguments "
+                    f"{q.spec.arguments}, declared with {spec.arguments}"
+                )
+            for exchange, pattern in spec.bindings:
+                self.bind(spec.name, exchange, pattern)
+
+    def bind(self, queue: str, exchange: str, pattern: str) -> None:
+        with self._cond:
+            if (exchange, pattern, queue) not in self._bindings:
+                self._bindings.append((exchange, pattern, queue))
+
+    def queue_depth(self, queue: str) -> int:
+        """Ready messages in ``queue`` (unacked ones not counted)."""
+        with self._cond:
+            return len(self._queues[queue].items)
+
+    # -- routing
+    def _route(self, exchange: str, routing_key: str) -> list[_Queue]:
+        kind = self._exchanges.get(exchange)
+        if kind is None:
+            return []
+        out = []
+        for ex, pattern, qname in self._bindings:
+            if ex != exchange:
+                continue
+            if kind == "fanout" or (kind == "topic" and topic_matches(pattern, routing_key)) or (
+                kind == "direct" and pattern == routing_key
+            ):
+                out.append(self._queues[qname])
+        return out
+
+    def _publish_locked(self, exchange: str, msg: Message, headers: dict[str, Any] | None = None) -> Outcome:
+        targets = self._route(exchange, msg.routing_key)
+        if not targets:
+            return Outcome.RETURNED
+        for q in targets:
+            limit = q.spec.arguments.get("x-max-length")
+            if limit is not None and len(q.items) >= limit:
+                return Outcome.NACK
+        for q in targets:
+            q.items.append(_Queued(msg, exchange, dict(headers if headers is not None else msg.headers)))
+        self._cond.notify_all()
+        return Outcome.ACK
+
+    def _dead_letter_locked(self, q: _Queue, item: _Queued, reason: str) -> None:
+        dlx = q.spec.arguments.get("x-dead-letter-exchange")
+        if not dlx:
+            return  # RabbitMQ drops it too when no DLX is configured
+        headers = dict(item.headers)
+        death = {"queue": q.spec.name, "reason": reason, "exchange": item.exchange,
+                 "routing-keys": [item.message.routing_key], "count": 1}
+        headers["x-death"] = [death, *headers.get("x-death", [])]
+        headers["x-first-death-reason"] = headers.get("x-first-death-reason", reason)
+        self._publish_locked(dlx, item.message, headers)
+
+    def _return_locked(self, q: _Queue, item: _Queued, *, count: bool) -> None:
+        if count:
+            item.deliveries += 1
+        limit = q.spec.arguments.get("x-delivery-limit")
+        if limit is not None and item.deliveries > limit:
+            self._dead_letter_locked(q, item, "delivery_limit")
+        else:
+            q.items.appendleft(item)
+            self._cond.notify_all()
+
+    # -- factories
+    def publisher(self) -> InMemoryPublisher:
+        return InMemoryPublisher(self)
+
+    def consumer(self, queue: str, prefetch: int) -> InMemoryConsumer:
+        with self._cond:
+            if queue not in self._queues:
+                raise ConfigurationError(f"NOT_FOUND: no queue {queue!r}")
+        return InMemoryConsumer(self, queue, prefetch)
+
+    def health(self) -> BusHealth:
+        return BusHealth(ok=not self._closed, kind=self.kind, detail="in-process bus")
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+class InMemoryPublisher:
+    """Publisher of the in-process bus; every future is resolved at once."""
+
+    def __init__(self, bus: InMemoryBus) -> None:
+        self._bus = bus
+
+    def publish(self, exchange: str, messages: Sequence[Message]) -> Future[list[Outcome]]:
+        fut: Future[list[Outcome]] = Future()
+        with self._bus._cond:
+            if self._bus._closed:
+                fut.set_result([Outcome.LOST] * len(messages))
+            else:
+                fut.set_result([self._bus._publish_locked(exchange, m) for m in messages])
+        return fut
+
+    def close(self) -> None:
+        pass
+
+
+class InMemoryConsumer:
+    """Consumer of the in-process bus with prefetch and manual ack."""
+
+    _tags = itertools.count(1)
+
+    def __init__(self, bus: InMemoryBus, queue: str, prefetch: int) -> None:
+        self._bus = bus
+        self._queue = queue
+        self._prefetch = prefetch
+        self._unacked: dict[int, _Queued] = {}
+        self._closed = False
+
+    def get_batch(self, max_messages: int, max_wait: float, linger: float) -> list[Delivery]:
+        out: list[Delivery] = []
+        deadline = time.monotonic() + max_wait
+        with self._bus._cond:
+            q = self._bus._queues[self._queue]
+            while not self._closed and not self._bus._closed:
+                while q.items and len(out) < max_messages and len(self._unacked) < self._prefetch:
+                    item = q.items.popleft()
+                    tag = next(self._tags)
+                    self._unacked[tag] = item
+                    headers = dict(item.headers)
+                    if item.deliveries:
+                        headers["x-delivery-count"] = item.deliveries
+                    out.append(
+                        Delivery(item.message.body, item.message.routing_key, item.message.message_id,
+                                 headers, item.deliveries > 0, tag)
+                    )
+                if len(out) >= max_messages or len(self._unacked) >= self._prefetch:
+                    break
+                if out and linger <= 0:
+                    break
+                if out and deadline > time.monotonic() + linger:
+                    deadline = time.monotonic() + linger
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._bus._cond.wait(remaining)
+        return out
+
+    def ack(self, deliveries: Sequence[Delivery]) -> None:
+        with self._bus._cond:
+            for d in deliveries:
+                self._unacked.pop(d.tag, None)
+            self._bus._cond.notify_all()
+
+    def reject(self, delivery: Delivery, requeue: bool) -> None:
+        with self._bus._cond:
+            item = self._unacked.pop(delivery.tag, None)
+            if item is None:
+                return
+            q = self._bus._queues[self._queue]
+            if requeue:
+                self._bus._return_locked(q, item, count=True)
+            else:
+                self._bus._dead_letter_locked(q, item, "rejected")
+
+    def close(self) -> None:
+        with self._bus._cond:
+            q = self._bus._queues[self._queue]
+            for tag in sorted(self._unacked, reverse=True):
+                self._bus._return_locked(q, self._unacked.pop(tag), count=True)
+            self._closed = True
+            self._bus._cond.notify_all()

@@ -1,0 +1,99 @@
+"""The gateway's exchange and queue names and arguments (a **contract**: see docs/concepts.md).
+
+* ``<prefix>.events``  -- topic exchange; the relay publishes events with routing key = type.
+* ``<prefix>.scoring`` -- quorum queue bound to ``events`` with ``#``; the scorer consumes it.
+* ``<prefix>.scored``  -- topic exchange; scored events, routing key = the original event type.
+* ``<prefix>.dlx``     -- fanout dead-letter exchange, declared first.
+* ``<prefix>.dead``    -- quorum dead-letter queue bound to ``dlx``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.config import BusSettings
+
+__all__ = ["Topology", "QueueSpec", "topic_matches"]
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSpec:
+    """A queue with its arguments and bindings (exchange, pattern)."""
+
+    name: str
+    arguments: dict[str, Any]
+    bindings: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """Names and arguments derived from the bus settings."""
+
+    prefix: str
+    delivery_limit: int = 5
+    max_queue_length: int | None = None
+    extra_queues: tuple[QueueSpec, ...] = field(default=())
+
+    @classmethod
+    def from_settings(cls, settings: BusSettings) -> Topology:
+        """Topology for ``settings``."""
+        return cls(settings.prefix, settings.delivery_limit, settings.max_queue_length)
+
+    @property
+    def events_exchange(self) -> str:
+        return f"{self.prefix}.events"
+
+    @property
+    def scored_exchange(self) -> str:
+        return f"{self.prefix}.scored"
+
+    @property
+    def dead_letter_exchange(self) -> str:
+        return f"{self.prefix}.dlx"
+
+    @property
+    def scoring_queue(self) -> str:
+        return f"{self.prefix}.scoring"
+
+    @property
+    def dead_letter_queue(self) -> str:
+        return f"{self.prefix}.dead"
+
+    def exchanges(self) -> list[tuple[str, str]]:
+        """(name, type) in declaration order: the DLX first."""
+        return [(self.dead_letter_exchange, "fanout"), (self.events_exchange, "topic"), (self.scored_exchange, "topic")]
+
+    def queues(self) -> list[QueueSpec]:
+        """Every queue, dead-letter queue first. Every argument is explicit (REL-03)."""
+        scoring_args: dict[str, Any] = {
+            "x-queue-type": "quorum",
+            "x-dead-letter-exchange": self.dead_letter_exchange,
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+            "x-delivery-limit": self.delivery_limit,
+        }
+        if self.max_queue_length is not None:
+            scoring_args["x-max-length"] = self.max_queue_length
+        dead_args: dict[str, Any] = {"x-queue-type": "quorum", "x-overflow": "reject-publish"}
+        return [
+            QueueSpec(self.dead_letter_queue, dead_args, ((self.dead_letter_exchange, ""),)),
+            QueueSpec(self.scoring_queue, scoring_args, ((self.events_exchange, "#"),)),
+            *self.extra_queues,
+        ]
+
+
+def topic_matches(pattern: str, key: str) -> bool:
+    """AMQP topic matching: ``*`` is one word, ``#`` zero or more words."""
+    p, k = pattern.split("."), key.split(".") if key else []
+
+    def match(i: int, j: int) -> bool:
+        if i == len(p):
+            return j == len(k)
+        if p[i] == "#":
+            return any(match(i + 1, jj) for jj in range(j, len(k) + 1))
+        if j == len(k):
+            return False
+        return (p[i] == "*" or p[i] == k[j]) and match(i + 1, j + 1)
+
+    return match(0, 0)

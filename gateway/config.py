@@ -1,0 +1,330 @@
+"""Typed configuration: one YAML file plus environment overrides.
+
+Precedence, highest first: explicit keyword overrides (CLI flags), environment variables
+(``GATEWAY_`` prefix, ``__`` for nesting, e.g. ``GATEWAY_BUS__URL``), then the YAML file.
+Secrets belong in the environment and reach the YAML only through ``${VAR}`` (or
+``${VAR:-default}``) interpolation; they are typed ``SecretStr`` and never printed.
+
+Every field has a ``description``; ``docs/configuration.md`` is generated from them.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from gateway.errors import ConfigurationError
+
+__all__ = [
+    "Settings",
+    "StoreSettings",
+    "BusSettings",
+    "RelaySettings",
+    "ScoringSettings",
+    "ApiSettings",
+    "SourceSettings",
+    "MappingSettings",
+    "load_settings",
+    "format_validation_error",
+    "interpolate",
+]
+
+_NAME = r"^[a-z][a-z0-9_-]{0,62}$"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StoreSettings(_Section):
+    """The gateway's own SQL store (outbox, cursors, scores, dead letters)."""
+
+    url: SecretStr = Field(
+        SecretStr("sqlite:///gateway.db"),
+        description="SQLAlchemy URL of the gateway store. SQLite for the embedded mode; "
+        "postgresql+psycopg://... for production.",
+    )
+    auto_migrate: bool = Field(
+        True, description="Run Alembic migrations to head when a role starts."
+    )
+    pool_size: int = Field(5, ge=1, le=100, description="Connection pool size (not SQLite).")
+    echo: bool = Field(False, description="Log every SQL statement (debugging only).")
+
+
+class BusSettings(_Section):
+    """The message bus: RabbitMQ, or the in-process bus when ``url`` is unset."""
+
+    url: SecretStr | None = Field(
+        None,
+        description="AMQP URL of RabbitMQ, e.g. amqp://user:${AMQP_PASSWORD}@host:5672/vhost. "
+        "Unset: the in-process bus (embedded mode, one process only).",
+    )
+    prefix: str = Field(
+        "gateway",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,100}$",
+        description="Prefix of every exchange and queue name.",
+    )
+    prefetch: int = Field(1000, ge=1, le=65535, description="Consumer prefetch (QoS) per consumer.")
+    delivery_limit: int = Field(
+        5, ge=1, le=1000, description="Quorum-queue x-delivery-limit of the scoring queue."
+    )
+    max_attempts: int = Field(
+        3, ge=1, le=100,
+        description="Attempts the gateway itself counts before dead-lettering a failing message.",
+    )
+    max_queue_length: int | None = Field(
+        None, ge=1, description="Optional x-max-length of the scoring queue (overflow reject-publish)."
+    )
+    confirm_window: int = Field(
+        1000, ge=1, le=100000, description="Publisher confirms kept in flight per publisher."
+    )
+    publish_timeout: float = Field(
+        30.0, gt=0, description="Seconds to wait for the broker's confirms of one batch."
+    )
+    heartbeat: int = Field(30, ge=0, le=600, description="AMQP heartbeat in seconds.")
+    blocked_connection_timeout: float = Field(
+        60.0, gt=0, description="Seconds a connection may stay blocked by the broker before it is dropped."
+    )
+    socket_timeout: float = Field(10.0, gt=0, description="TCP connect/socket timeout in seconds.")
+    reconnect_max_delay: float = Field(
+        30.0, gt=0, description="Cap of the jittered reconnect backoff, in seconds."
+    )
+
+
+class RelaySettings(_Section):
+    """The outbox relay: pending rows to the bus, marked published on the broker's ack."""
+
+    batch_size: int = Field(1000, ge=1, le=50000, description="Rows claimed per batch.")
+    in_flight_batches: int = Field(
+        2, ge=1, le=16, description="Batches published before waiting for the oldest's confirms."
+    )
+    claim_seconds: float = Field(
+        60.0, gt=0, description="How long a claimed batch is reserved for this relay."
+    )
+    idle_wait: float = Field(
+        0.05, gt=0, le=10, description="Longest sleep when the outbox is empty (woken early in-process)."
+    )
+    retry_base_delay: float = Field(0.5, gt=0, description="First delay after a failed publish.")
+    retry_max_delay: float = Field(60.0, gt=0, description="Cap of the delay between publish attempts.")
+
+
+class ScoringSettings(_Section):
+    """The scoring worker and its built-in model."""
+
+    model: str = Field("online-anomaly", description="Scorer name (built-in: online-anomaly).")
+    batch_max: int = Field(100, ge=1, le=10000, description="Largest micro-batch.")
+    batch_linger_ms: float = Field(
+        15.0, ge=0, le=5000, description="Longest wait to fill a micro-batch once it has one event."
+    )
+    warmup: int = Field(
+        30, ge=1, description="Events per type seen before the built-in model gives real scores."
+    )
+    exclude_fields: list[str] = Field(
+        default_factory=lambda: ["id"],
+        description="Data fields never used as features (keys, ids). Fields ending in _id are excluded too.",
+    )
+
+
+class ApiSettings(_Section):
+    """The REST API."""
+
+    host: str = Field("127.0.0.1", description="Bind address.")
+    port: int = Field(8080, ge=0, le=65535, description="Bind port (0: any free port).")
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest accepted request body.")
+    max_page_size: int = Field(500, ge=1, le=10000, description="Largest page of a list endpoint.")
+    backlog_threshold: int = Field(
+        100_000, ge=1, description="Pending outbox rows above which ingestion answers 503."
+    )
+
+
+class MappingSettings(_Section):
+    """How a source record becomes an event."""
+
+    type: str = Field(..., min_length=1, description="CloudEvents type, e.g. com.acme.order.changed.")
+    entity: str = Field(..., pattern=_NAME, description="Entity name, part of the event id.")
+    key: list[str] = Field(..., min_length=1, description="Record fields forming the key.")
+    version: str | None = Field(
+        None, description="Record field whose value changes on every update (timestamp, rowversion)."
+    )
+    time: str | None = Field(None, description="Record field with the change time (else: read time).")
+    subject: str | None = Field(
+        None, description="Subject template with {field} placeholders, e.g. 'order/{id}'."
+    )
+    data: list[str] | None = Field(None, description="Fields copied into data (default: all).")
+    rename: dict[str, str] = Field(default_factory=dict, description="Record field -> data field renames.")
+
+    @field_validator("key")
+    @classmethod
+    def _unique_keys(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("key fields must be unique")
+        return value
+
+
+class SourceSettings(_Section):
+    """One configured source: which adapter, its settings, and the mapping."""
+
+    name: str = Field(..., pattern=_NAME, description="Unique source name (lowercase, digits, - or _).")
+    adapter: str = Field(..., description="Adapter plugin name (entry point in gateway.adapters).")
+    enabled: bool = Field(True, description="Disabled sources are validated but not polled.")
+    config: dict[str, Any] = Field(
+        default_factory=dict, description="Adapter settings, validated by the adapter's config model."
+    )
+    mapping: MappingSettings = Field(..., description="Record-to-event mapping.")
+    interval: float = Field(
+        1.0, gt=0, le=86400, description="Seconds between polls when the last poll found nothing new."
+    )
+
+
+_YAML_DATA: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("_YAML_DATA", default={})
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return _YAML_DATA.get().get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_YAML_DATA.get())
+
+
+class Settings(BaseSettings):
+    """All gateway settings."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="GATEWAY_", env_nested_delimiter="__", extra="forbid", nested_model_default_partial_update=True
+    )
+
+    profile: Literal["dev", "test", "prod"] = Field(
+        "dev", description="dev/test relax transport-security checks; prod enforces them."
+    )
+    store: StoreSettings = Field(default_factory=StoreSettings, description="Gateway store.")
+    bus: BusSettings = Field(default_factory=BusSettings, description="Message bus.")
+    relay: RelaySettings = Field(default_factory=RelaySettings, description="Outbox relay.")
+    scoring: ScoringSettings = Field(default_factory=ScoringSettings, description="Scoring worker.")
+    api: ApiSettings = Field(default_factory=ApiSettings, description="REST API.")
+    sources: list[SourceSettings] = Field(default_factory=list, description="Configured sources.")
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_sources(cls, value: list[SourceSettings]) -> list[SourceSettings]:
+        seen: set[str] = set()
+        for src in value:
+            if src.name in seen:
+                raise ValueError(f"duplicate source name {src.name!r}")
+            seen.add(src.name)
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _YamlSource(settings_cls))
+
+    def source(self, name: str) -> SourceSettings:
+        """The source called ``name``; raises ConfigurationError listing the known names."""
+        for src in self.sources:
+            if src.name == name:
+                return src
+        known = ", ".join(s.name for s in self.sources) or "none configured"
+        raise ConfigurationError(f"unknown source {name!r} (known: {known})")
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def interpolate(text: str, environ: dict[str, str] | None = None, where: str = "<config>") -> str:
+    """Replace ``${VAR}`` and ``${VAR:-default}``; ``${VAR_FILE}`` style is read from the file.
+
+    Raises:
+        ConfigurationError: when a variable without default is unset.
+    """
+    env = os.environ if environ is None else environ
+
+    def sub(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in env:
+            return env[name]
+        file_var = env.get(name + "_FILE")
+        if file_var:
+            return Path(file_var).read_text(encoding="utf-8").strip()
+        if default is not None:
+            return default
+        line = text.count("\n", 0, match.start()) + 1
+        raise ConfigurationError(
+            f"{where}:{line}: environment variable {name} is not set "
+            f"(set it, set {name}_FILE, or write ${{{name}:-default}})"
+        )
+
+    return _VAR.sub(sub, text)
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<root>"
+
+
+def format_validation_error(exc: ValidationError, where: str) -> str:
+    """One line per problem: ``FILE: path.in[0].file: message (got VALUE)``."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        got = err.get("input")
+        shown = ""
+        if err["type"] != "missing" and not isinstance(got, (dict, list)):
+            text = repr(got)
+            shown = f" (got {text[:80]})" if "secret" not in _loc(err["loc"]).lower() else ""
+        lines.append(f"{where}: {_loc(err['loc'])}: {err['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Load and validate settings.
+
+    Args:
+        path: YAML file; ``None`` uses ``$GATEWAY_CONFIG`` if set, else defaults + environment.
+        **overrides: highest-precedence values (from CLI flags).
+
+    Raises:
+        ConfigurationError: naming the file, the path inside it and what was expected.
+    """
+    if path is None and os.environ.get("GATEWAY_CONFIG"):
+        path = os.environ["GATEWAY_CONFIG"]
+    where = str(path) if path is not None else "<environment>"
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigurationError(f"{where}: configuration file not found")
+        text = interpolate(p.read_text(encoding="utf-8"), where=where)
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            pos = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+            raise ConfigurationError(f"{where}{pos}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigurationError(f"{where}: expected a mapping at the top level, got {type(loaded).__name__}")
+        data = loaded
+    token = _YAML_DATA.set(data)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigurationError(format_validation_error(exc, where)) from None
+    finally:
+        _YAML_DATA.reset(token)

@@ -1,0 +1,553 @@
+"""The gateway store: acceptance point (outbox + cursor in one transaction), relay claims,
+scores, cursors and dead letters.
+
+Every method is one transaction. Nothing here retries; callers decide (see ``gateway.resilience``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, Engine, Insert, Table, and_, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+from gateway.errors import FencingError, StoreUnavailableError
+from gateway.events import EXT_POSITION, Event, utcnow
+from gateway.store.schema import (
+    EVENT_PENDING,
+    EVENT_PUBLISHED,
+    dead_letters,
+    events,
+    scores,
+    source_cursors,
+)
+
+__all__ = [
+    "EventStore",
+    "AcceptResult",
+    "OutboxRow",
+    "ScoreRecord",
+    "StoredEvent",
+    "CursorState",
+    "DeadLetter",
+    "EventFilter",
+]
+
+_CHUNK = 500
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptResult:
+    """What one acceptance transaction did."""
+
+    inserted: list[str]
+    duplicates: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """A pending event claimed by a relay."""
+
+    seq: int
+    id: str
+    type: str
+    envelope: str
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreRecord:
+    """One model's score of one event."""
+
+    event_id: str
+    model_name: str
+    model_version: str
+    score: float
+    explanation: dict[str, Any] | None
+    event_type: str
+    source_name: str
+    event_time: datetime
+    scored_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """An event as the store holds it, with its delivery state and scores."""
+
+    seq: int
+    event: dict[str, Any]
+    source_name: str
+    status: str
+    attempts: int
+    accepted_at: datetime
+    published_at: datetime | None
+    scores: list[dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class CursorState:
+    """A source's committed cursor."""
+
+    source_name: str
+    cursor: Any
+    epoch: int
+    updated_at: datetime
+    events_total: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A parked message or record."""
+
+    id: int
+    event_id: str | None
+    stage: str
+    source_name: str | None
+    error_class: str
+    reason: str
+    payload: str | None
+    headers: dict[str, Any] | None
+    attempts: int
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class EventFilter:
+    """Filters of ``list_events``; every field is optional."""
+
+    source_name: str | None = None
+    type: str | None = None
+    time_from: datetime | None = None
+    time_to: datetime | None = None
+    min_score: float | None = None
+    status: str | None = None
+
+
+def _insert_ignore(conn: Connection, table: Table, keys: Sequence[str]) -> Insert:
+    """INSERT that skips rows whose unique ``keys`` exist already, for this connection's dialect."""
+    name = conn.dialect.name
+    if name == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing(index_elements=list(keys))
+    if name == "sqlite":
+        return sqlite.insert(table).on_conflict_do_nothing(index_elements=list(keys))
+    if name in ("mysql", "mariadb"):
+        return table.insert().prefix_with("IGNORE")
+    raise StoreUnavailableError(f"unsupported store dialect {name!r}")
+
+
+def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+class EventStore:
+    """Repository over the gateway store.
+
+    Args:
+        engine: SQLAlchemy engine of the store (migrated to head).
+        clock: returns aware UTC "now"; injectable for tests.
+    """
+
+    def __init__(self, engine: Engine, clock: Callable[[], datetime] = utcnow) -> None:
+        self.engine = engine
+        self._clock = clock
+        self._dialect = engine.dialect.name
+        self._skip_locked = self._dialect in ("postgresql", "mysql", "mariadb")
+
+    # ------------------------------------------------------------------ acceptance point
+    def accept(
+        self,
+        batch: Sequence[Event],
+        *,
+        source_name: str | None = None,
+        cursor: Any = None,
+        epoch: int | None = None,
+        write_cursor: bool = False,
+    ) -> AcceptResult:
+        """Store events in the outbox and, in the SAME transaction, the source's new cursor.
+
+        Duplicate ids (already stored, or repeated in ``batch``) are ignored, not errors.
+
+        Args:
+            batch: events to accept.
+            source_name: the source the batch came from (lineage; cursor owner).
+            cursor: the cursor after this batch (JSON-safe); written when ``write_cursor``.
+            epoch: fencing epoch of the writer; the cursor write fails if the stored epoch differs.
+            write_cursor: whether to write ``cursor`` (``None`` is a valid cursor to store).
+
+        Returns:
+            Which ids were inserted and which were duplicates.
+
+        Raises:
+            FencingError: ``epoch`` is stale; nothing was written.
+            StoreUnavailableError: the transaction did not commit; nothing was written.
+        """
+        now = self._clock()
+        rows: dict[str, dict[str, Any]] = {}
+        for ev in batch:
+            if ev.id in rows:
+                continue
+            rows[ev.id] = {
+                "id": ev.id,
+                "source_name": source_name or ev.source_name or ev.source,
+                "type": ev.type,
+                "subject": ev.subject,
+                "time": ev.time,
+                "envelope": ev.to_json().decode("utf-8"),
+                "status": EVENT_PENDING,
+                "attempts": 0,
+                "accepted_at": now,
+            }
+        inserted: list[str] = []
+        try:
+            with self.engine.begin() as conn:
+                if rows:
+                    inserted = self._insert_events(conn, list(rows.values()))
+                if write_cursor:
+                    if source_name is None:
+                        raise ValueError("write_cursor needs source_name")
+                    self._write_cursor(conn, source_name, cursor, epoch, len(inserted), now)
+        except FencingError:
+            raise
+        except (DBAPIError, SQLAlchemyError) as exc:
+            raise StoreUnavailableError(f"outbox transaction failed: {type(exc).__name__}: {exc.orig if isinstance(exc, DBAPIError) else exc}") from exc
+        ins = set(inserted)
+        return AcceptResult(inserted=inserted, duplicates=[ev.id for ev in batch if ev.id not in ins])
+
+    def _insert_events(self, conn: Connection, rows: list[dict[str, Any]]) -> list[str]:
+        if self._dialect in ("postgresql", "sqlite"):
+            stmt = _insert_ignore(conn, events, ["id"]).returning(events.c.id)
+            out: list[str] = []
+            for chunk in _chunks(rows, 1000):
+                out.extend(conn.execute(stmt, list(chunk)).scalars().all())
+            return out
+        # MariaDB/MySQL: find what exists, then INSERT IGNORE (race-safe on the unique id).
+        ids = [r["id"] for r in rows]
+        existing: set[str] = set()
+        for chunk in _chunks(ids, 1000):
+            existing.update(conn.execute(select(events.c.id).where(events.c.id.in_(chunk))).scalars())
+        fresh = [r for r in rows if r["id"] not in existing]
+        if fresh:
+            conn.execute(_insert_ignore(conn, events, ["id"]), fresh)
+        return [r["id"] for r in fresh]
+
+    def _write_cursor(
+        self, conn: Connection, source_name: str, cursor: Any, epoch: int | None, count: int, now: datetime
+    ) -> None:
+        cond = source_cursors.c.source_name == source_name
+        if epoch is not None:
+            cond = and_(cond, source_cursors.c.epoch == epoch)
+        res = conn.execute(
+            update(source_cursors)
+            .where(cond)
+            .values(cursor=cursor, updated_at=now, events_total=source_cursors.c.events_total + count)
+        )
+        if res.rowcount == 1:
+            return
+        if epoch is not None:
+            raise FencingError(
+                f"source {source_name!r}: cursor write with epoch {epoch} refused "
+                "(another runner holds a newer epoch)"
+            )
+        conn.execute(
+            _insert_ignore(conn, source_cursors, ["source_name"]),
+            {"source_name": source_name, "cursor": cursor, "epoch": 0, "updated_at": now, "events_total": count},
+        )
+
+    # ------------------------------------------------------------------ cursors
+    def acquire_epoch(self, source_name: str) -> int:
+        """Start writing ``source_name``'s cursor: bump and return its fencing epoch.
+
+        A runner that started earlier holds an older epoch and its next cursor write fails with
+        :class:`FencingError`, so two runners never both advance one cursor.
+        """
+        now = self._clock()
+        with self.engine.begin() as conn:
+            conn.execute(
+                _insert_ignore(conn, source_cursors, ["source_name"]),
+                {"source_name": source_name, "cursor": None, "epoch": 0, "updated_at": now, "events_total": 0},
+            )
+            conn.execute(
+                update(source_cursors)
+                .where(source_cursors.c.source_name == source_name)
+                .values(epoch=source_cursors.c.epoch + 1)
+            )
+            return int(
+                conn.execute(
+                    select(source_cursors.c.epoch).where(source_cursors.c.source_name == source_name)
+                ).scalar_one()
+            )
+
+    def get_cursor(self, source_name: str) -> CursorState | None:
+        """The committed cursor of ``source_name``, or ``None`` if it never ran."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(source_cursors).where(source_cursors.c.source_name == source_name)).first()
+        return self._cursor_state(row) if row else None
+
+    def list_cursors(self) -> list[CursorState]:
+        """Every source's cursor."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(source_cursors).order_by(source_cursors.c.source_name)).all()
+        return [self._cursor_state(r) for r in rows]
+
+    @staticmethod
+    def _cursor_state(row: Any) -> CursorState:
+        return CursorState(row.source_name, row.cursor, row.epoch, row.updated_at, row.events_total)
+
+    # ------------------------------------------------------------------ relay
+    def claim_pending(self, owner: str, limit: int, claim_seconds: float) -> list[OutboxRow]:
+        """Reserve up to ``limit`` publishable rows for ``owner``, oldest first.
+
+        Rows claimed by another relay whose claim has not expired are skipped
+        (``FOR UPDATE SKIP LOCKED`` where the database has it), so relays can run side by side.
+        """
+        now = self._clock()
+        due = and_(
+            events.c.status == EVENT_PENDING,
+            or_(events.c.next_attempt_at.is_(None), events.c.next_attempt_at <= now),
+            or_(events.c.claimed_until.is_(None), events.c.claimed_until < now),
+        )
+        query = (
+            select(events.c.seq, events.c.id, events.c.type, events.c.envelope, events.c.attempts)
+            .where(due)
+            .order_by(events.c.seq)
+            .limit(limit)
+        )
+        if self._skip_locked:
+            query = query.with_for_update(skip_locked=True)
+        with self.engine.begin() as conn:
+            rows = conn.execute(query).all()
+            if not rows:
+                return []
+            until = now + timedelta(seconds=claim_seconds)
+            for chunk in _chunks([r.seq for r in rows], 1000):
+                conn.execute(
+                    update(events).where(events.c.seq.in_(chunk)).values(claimed_by=owner, claimed_until=until)
+                )
+        return [OutboxRow(r.seq, r.id, r.type, r.envelope, r.attempts) for r in rows]
+
+    def mark_published(self, seqs: Sequence[int]) -> None:
+        """Mark rows published (call only after the broker's ack)."""
+        if not seqs:
+            return
+        now = self._clock()
+        with self.engine.begin() as conn:
+            for chunk in _chunks(list(seqs), 1000):
+                conn.execute(
+                    update(events)
+                    .where(events.c.seq.in_(chunk))
+                    .values(status=EVENT_PUBLISHED, published_at=now, claimed_by=None, claimed_until=None)
+                )
+
+    def mark_failed(self, failures: dict[int, str], delay_for: Callable[[int], float]) -> None:
+        """Record a failed publish: ``attempts + 1``, release the claim, schedule the next attempt.
+
+        Args:
+            failures: row ``seq`` -> reason.
+            delay_for: seconds to wait before the next attempt, given the attempt count so far.
+        """
+        if not failures:
+            return
+        now = self._clock()
+        with self.engine.begin() as conn:
+            current = dict(
+                conn.execute(select(events.c.seq, events.c.attempts).where(events.c.seq.in_(list(failures)))).tuples().all()
+            )
+            for seq, reason in failures.items():
+                attempts = current.get(seq, 0) + 1
+                conn.execute(
+                    update(events)
+                    .where(and_(events.c.seq == seq, events.c.status == EVENT_PENDING))
+                    .values(
+                        attempts=attempts,
+                        last_error=reason[:2000],
+                        claimed_by=None,
+                        claimed_until=None,
+                        next_attempt_at=now + timedelta(seconds=delay_for(attempts)),
+                    )
+                )
+
+    def release(self, seqs: Sequence[int]) -> None:
+        """Give claimed rows back without counting an attempt (graceful stop)."""
+        if not seqs:
+            return
+        with self.engine.begin() as conn:
+            for chunk in _chunks(list(seqs), 1000):
+                conn.execute(
+                    update(events)
+                    .where(and_(events.c.seq.in_(chunk), events.c.status == EVENT_PENDING))
+                    .values(claimed_by=None, claimed_until=None)
+                )
+
+    def pending_stats(self) -> tuple[int, datetime | None]:
+        """Number of pending outbox rows and the oldest one's acceptance time."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(func.count(), func.min(events.c.accepted_at)).where(events.c.status == EVENT_PENDING)
+            ).one()
+        oldest = row[1]
+        if isinstance(oldest, datetime) and oldest.tzinfo is None:
+            from datetime import timezone
+
+            oldest = oldest.replace(tzinfo=timezone.utc)
+        return int(row[0]), oldest
+
+    # ------------------------------------------------------------------ scores
+    def save_scores(self, records: Sequence[ScoreRecord]) -> int:
+        """Store scores idempotently on (event, model, version); returns how many were new."""
+        if not records:
+            return 0
+        rows = [
+            {
+                "event_id": r.event_id,
+                "model_name": r.model_name,
+                "model_version": r.model_version,
+                "score": r.score,
+                "explanation": r.explanation,
+                "event_type": r.event_type,
+                "source_name": r.source_name,
+                "event_time": r.event_time,
+                "scored_at": r.scored_at,
+            }
+            for r in records
+        ]
+        try:
+            with self.engine.begin() as conn:
+                stmt = _insert_ignore(conn, scores, ["event_id", "model_name", "model_version"])
+                total = 0
+                for chunk in _chunks(rows, 1000):
+                    total += conn.execute(stmt, list(chunk)).rowcount or 0
+                return total
+        except (DBAPIError, SQLAlchemyError) as exc:
+            raise StoreUnavailableError(f"score transaction failed: {type(exc).__name__}") from exc
+
+    def count_scores(self) -> int:
+        """Total stored scores (all models)."""
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(scores)).scalar_one())
+
+    # ------------------------------------------------------------------ queries
+    def get_event(self, event_id: str) -> StoredEvent | None:
+        """One event with its delivery state and scores, or ``None``."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(events).where(events.c.id == event_id)).first()
+            if row is None:
+                return None
+            sc = conn.execute(select(scores).where(scores.c.event_id == event_id)).all()
+        return self._stored(row, {event_id: [self._score_dict(s) for s in sc]})
+
+    def list_events(self, flt: EventFilter, *, limit: int, after_seq: int | None = None) -> list[StoredEvent]:
+        """Events matching ``flt`` in acceptance order, after ``after_seq`` (cursor pagination)."""
+        cond = []
+        if after_seq is not None:
+            cond.append(events.c.seq > after_seq)
+        if flt.source_name:
+            cond.append(events.c.source_name == flt.source_name)
+        if flt.type:
+            cond.append(events.c.type == flt.type)
+        if flt.time_from:
+            cond.append(events.c.time >= flt.time_from)
+        if flt.time_to:
+            cond.append(events.c.time < flt.time_to)
+        if flt.status:
+            cond.append(events.c.status == flt.status)
+        if flt.min_score is not None:
+            cond.append(
+                events.c.id.in_(select(scores.c.event_id).where(scores.c.score >= flt.min_score))
+            )
+        query = select(events).where(and_(*cond)).order_by(events.c.seq).limit(limit)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+            ids = [r.id for r in rows]
+            by_event: dict[str, list[dict[str, Any]]] = {i: [] for i in ids}
+            if ids:
+                for s in conn.execute(select(scores).where(scores.c.event_id.in_(ids))).all():
+                    by_event[s.event_id].append(self._score_dict(s))
+        return [self._stored(r, by_event) for r in rows]
+
+    def top_scored(self, limit: int) -> list[tuple[float, dict[str, Any]]]:
+        """The highest scores with their events, highest first."""
+        query = (
+            select(scores.c.score, events.c.envelope)
+            .join(events, events.c.id == scores.c.event_id)
+            .order_by(scores.c.score.desc())
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [(float(s), json.loads(env)) for s, env in conn.execute(query).all()]
+
+    @staticmethod
+    def _score_dict(s: Any) -> dict[str, Any]:
+        return {
+            "score": s.score,
+            "model": {"name": s.model_name, "version": s.model_version},
+            "explanation": s.explanation,
+            "scored_at": s.scored_at,
+        }
+
+    @staticmethod
+    def _stored(row: Any, by_event: dict[str, list[dict[str, Any]]]) -> StoredEvent:
+        return StoredEvent(
+            seq=row.seq,
+            event=json.loads(row.envelope),
+            source_name=row.source_name,
+            status=row.status,
+            attempts=row.attempts,
+            accepted_at=row.accepted_at,
+            published_at=row.published_at,
+            scores=by_event.get(row.id, []),
+        )
+
+    # ------------------------------------------------------------------ dead letters
+    def add_dead_letter(
+        self,
+        *,
+        stage: str,
+        error_class: str,
+        reason: str,
+        payload: str | None,
+        event_id: str | None = None,
+        source_name: str | None = None,
+        headers: dict[str, Any] | None = None,
+        attempts: int = 1,
+    ) -> int:
+        """Park a message or record; returns the dead letter's id."""
+        with self.engine.begin() as conn:
+            res = conn.execute(
+                dead_letters.insert().values(
+                    event_id=event_id,
+                    stage=stage,
+                    source_name=source_name,
+                    error_class=error_class,
+                    reason=reason[:10000],
+                    payload=payload,
+                    headers=headers,
+                    attempts=attempts,
+                    created_at=self._clock(),
+                )
+            )
+            return int(res.inserted_primary_key[0])
+
+    def list_dead_letters(self, *, stage: str | None = None, limit: int = 100, after_id: int | None = None) -> list[DeadLetter]:
+        """Dead letters, oldest first."""
+        cond = []
+        if stage:
+            cond.append(dead_letters.c.stage == stage)
+        if after_id is not None:
+            cond.append(dead_letters.c.id > after_id)
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(dead_letters).where(and_(*cond)).order_by(dead_letters.c.id).limit(limit)).all()
+        return [DeadLetter(**r._mapping) for r in rows]
+
+    def ping(self) -> None:
+        """Raise StoreUnavailableError unless the store answers."""
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(select(1))
+        except (DBAPIError, SQLAlchemyError) as exc:
+            raise StoreUnavailableError(f"store unreachable: {type(exc).__name__}") from exc

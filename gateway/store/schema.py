@@ -1,0 +1,104 @@
+"""Tables of the gateway store (SQLAlchemy Core). Alembic revisions in ``migrations/`` create them."""
+
+from __future__ import annotations
+
+from gateway.store.types import UTCDateTime
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+__all__ = ["metadata", "events", "source_cursors", "scores", "dead_letters", "EVENT_PENDING", "EVENT_PUBLISHED"]
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY; BigInteger elsewhere.
+_SEQ = BigInteger().with_variant(Integer(), "sqlite")
+
+EVENT_PENDING = "pending"
+EVENT_PUBLISHED = "published"
+
+#: Events, which are also the outbox: ``status`` moves pending -> published on the broker's ack.
+events = Table(
+    "events",
+    metadata,
+    Column("seq", _SEQ, primary_key=True, autoincrement=True, comment="Acceptance order; pagination key"),
+    Column("id", String(64), nullable=False, comment="CloudEvents id (deterministic UUIDv5)"),
+    Column("source_name", String(128), nullable=False, comment="Gateway source (lineage)"),
+    Column("type", String(255), nullable=False),
+    Column("subject", String(512), nullable=True),
+    Column("time", UTCDateTime(), nullable=False, comment="Event time (UTC)"),
+    Column("envelope", Text, nullable=False, comment="The whole structured-mode CloudEvent JSON"),
+    Column("status", String(16), nullable=False, default=EVENT_PENDING),
+    Column("attempts", Integer, nullable=False, default=0, comment="Failed publish attempts"),
+    Column("next_attempt_at", UTCDateTime(), nullable=True),
+    Column("claimed_by", String(64), nullable=True),
+    Column("claimed_until", UTCDateTime(), nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("accepted_at", UTCDateTime(), nullable=False),
+    Column("published_at", UTCDateTime(), nullable=True),
+    UniqueConstraint("id"),
+    Index(None, "status", "seq"),
+    Index(None, "source_name", "seq"),
+    Index(None, "type", "seq"),
+)
+
+#: One cursor per source, written in the same transaction as the source's events.
+source_cursors = Table(
+    "source_cursors",
+    metadata,
+    Column("source_name", String(128), primary_key=True),
+    Column("cursor", JSON, nullable=True),
+    Column("epoch", BigInteger, nullable=False, default=0, comment="Fencing epoch of the writer"),
+    Column("updated_at", UTCDateTime(), nullable=False),
+    Column("events_total", BigInteger, nullable=False, default=0),
+)
+
+#: Scores, idempotent per (event, model, version).
+scores = Table(
+    "scores",
+    metadata,
+    Column("event_id", String(64), nullable=False),
+    Column("model_name", String(128), nullable=False),
+    Column("model_version", String(64), nullable=False),
+    Column("score", Float, nullable=False),
+    Column("explanation", JSON, nullable=True),
+    Column("event_type", String(255), nullable=False),
+    Column("source_name", String(128), nullable=False),
+    Column("event_time", UTCDateTime(), nullable=False),
+    Column("scored_at", UTCDateTime(), nullable=False),
+    UniqueConstraint("event_id", "model_name", "model_version"),
+    Index(None, "score"),
+)
+
+#: Poison messages and records parked for inspection and replay.
+dead_letters = Table(
+    "dead_letters",
+    metadata,
+    Column("id", _SEQ, primary_key=True, autoincrement=True),
+    Column("event_id", String(64), nullable=True),
+    Column("stage", String(32), nullable=False, comment="source | relay | scoring | ingest"),
+    Column("source_name", String(128), nullable=True),
+    Column("error_class", String(255), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("payload", Text, nullable=True),
+    Column("headers", JSON, nullable=True),
+    Column("attempts", Integer, nullable=False, default=1),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Index(None, "stage", "id"),
+)

@@ -1,0 +1,1 @@
+"""Alembic revisions of the gateway store. Run them with ``gateway db upgrade``."""
