@@ -158,3 +158,38 @@ def _preserve_environ() -> Iterator[None]:
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("postgres", marks=pytest.mark.integration),
+        pytest.param("mariadb", marks=pytest.mark.integration),
+    ]
+)
+def any_store(request) -> Iterator[EventStore]:  # type: ignore[no-untyped-def]
+    """The same store behaviour tests on SQLite, PostgreSQL and MariaDB."""
+    if request.param == "sqlite":
+        url = request.getfixturevalue("sqlite_url")
+    elif request.param == "postgres":
+        url = request.getfixturevalue("pg_db_url")
+    else:
+        url = request.getfixturevalue("mariadb_db_url")
+    engine = make_engine(url)
+    upgrade(engine)
+    yield EventStore(engine)
+    engine.dispose()
+
+
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("postgres", marks=pytest.mark.integration),
+        pytest.param("mariadb", marks=pytest.mark.integration),
+    ]
+)
+def legacy_url(request, tmp_path) -> str:  # type: ignore[no-untyped-def]
+    """A database URL for a legacy source: SQLite file, or a fresh PostgreSQL/MariaDB database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'legacy.db'}"
+    return request.getfixturevalue("pg_db_url" if request.param == "postgres" else "mariadb_db_url")

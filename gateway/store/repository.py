@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Insert, Table, and_, func, or_, select, update
+from sqlalchemy import Connection, Engine, Insert, Table, and_, func, or_, select, true, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
@@ -168,6 +168,7 @@ class EventStore:
         cursor: Any = None,
         epoch: int | None = None,
         write_cursor: bool = False,
+        rejects: Sequence[dict[str, Any]] = (),
     ) -> AcceptResult:
         """Store events in the outbox and, in the SAME transaction, the source's new cursor.
 
@@ -179,6 +180,9 @@ class EventStore:
             cursor: the cursor after this batch (JSON-safe); written when ``write_cursor``.
             epoch: fencing epoch of the writer; the cursor write fails if the stored epoch differs.
             write_cursor: whether to write ``cursor`` (``None`` is a valid cursor to store).
+            rejects: dead letters for records of this batch that could not be mapped, stored in
+                the same transaction (keys of :meth:`add_dead_letter`), so a record is either an
+                event or a dead letter, never lost and never both.
 
         Returns:
             Which ids were inserted and which were duplicates.
@@ -208,6 +212,8 @@ class EventStore:
             with self.engine.begin() as conn:
                 if rows:
                     inserted = self._insert_events(conn, list(rows.values()))
+                if rejects:
+                    conn.execute(dead_letters.insert(), [self._dead_row(now, **r) for r in rejects])
                 if write_cursor:
                     if source_name is None:
                         raise ValueError("write_cursor needs source_name")
@@ -356,7 +362,7 @@ class EventStore:
         now = self._clock()
         with self.engine.begin() as conn:
             current = dict(
-                conn.execute(select(events.c.seq, events.c.attempts).where(events.c.seq.in_(list(failures)))).tuples().all()
+                conn.execute(select(events.c.seq, events.c.attempts).where(events.c.seq.in_(list(failures)))).all()
             )
             for seq, reason in failures.items():
                 attempts = current.get(seq, 0) + 1
@@ -402,6 +408,7 @@ class EventStore:
         """Store scores idempotently on (event, model, version); returns how many were new."""
         if not records:
             return 0
+        unique = {(r.event_id, r.model_name, r.model_version): r for r in records}
         rows = [
             {
                 "event_id": r.event_id,
@@ -414,14 +421,18 @@ class EventStore:
                 "event_time": r.event_time,
                 "scored_at": r.scored_at,
             }
-            for r in records
+            for r in unique.values()
         ]
         try:
             with self.engine.begin() as conn:
                 stmt = _insert_ignore(conn, scores, ["event_id", "model_name", "model_version"])
                 total = 0
                 for chunk in _chunks(rows, 1000):
-                    total += conn.execute(stmt, list(chunk)).rowcount or 0
+                    if self._dialect in ("postgresql", "sqlite"):
+                        # executemany rowcount is -1 there; RETURNING yields only inserted rows.
+                        total += len(conn.execute(stmt.returning(scores.c.event_id), list(chunk)).all())
+                    else:
+                        total += max(0, conn.execute(stmt, list(chunk)).rowcount or 0)
                 return total
         except (DBAPIError, SQLAlchemyError) as exc:
             raise StoreUnavailableError(f"score transaction failed: {type(exc).__name__}") from exc
@@ -460,7 +471,7 @@ class EventStore:
             cond.append(
                 events.c.id.in_(select(scores.c.event_id).where(scores.c.score >= flt.min_score))
             )
-        query = select(events).where(and_(*cond)).order_by(events.c.seq).limit(limit)
+        query = select(events).where(and_(true(), *cond)).order_by(events.c.seq).limit(limit)
         with self.engine.connect() as conn:
             rows = conn.execute(query).all()
             ids = [r.id for r in rows]
@@ -517,21 +528,32 @@ class EventStore:
         attempts: int = 1,
     ) -> int:
         """Park a message or record; returns the dead letter's id."""
+        row = self._dead_row(
+            self._clock(), stage=stage, error_class=error_class, reason=reason, payload=payload,
+            event_id=event_id, source_name=source_name, headers=headers, attempts=attempts,
+        )
         with self.engine.begin() as conn:
-            res = conn.execute(
-                dead_letters.insert().values(
-                    event_id=event_id,
-                    stage=stage,
-                    source_name=source_name,
-                    error_class=error_class,
-                    reason=reason[:10000],
-                    payload=payload,
-                    headers=headers,
-                    attempts=attempts,
-                    created_at=self._clock(),
-                )
-            )
+            res = conn.execute(dead_letters.insert().values(**row))
             return int(res.inserted_primary_key[0])
+
+    @staticmethod
+    def _dead_row(
+        now: datetime,
+        *,
+        stage: str,
+        error_class: str,
+        reason: str,
+        payload: str | None,
+        event_id: str | None = None,
+        source_name: str | None = None,
+        headers: dict[str, Any] | None = None,
+        attempts: int = 1,
+    ) -> dict[str, Any]:
+        return {
+            "event_id": event_id, "stage": stage, "source_name": source_name, "error_class": error_class,
+            "reason": reason[:10000], "payload": payload, "headers": headers, "attempts": attempts,
+            "created_at": now,
+        }
 
     def list_dead_letters(self, *, stage: str | None = None, limit: int = 100, after_id: int | None = None) -> list[DeadLetter]:
         """Dead letters, oldest first."""
@@ -541,8 +563,22 @@ class EventStore:
         if after_id is not None:
             cond.append(dead_letters.c.id > after_id)
         with self.engine.connect() as conn:
-            rows = conn.execute(select(dead_letters).where(and_(*cond)).order_by(dead_letters.c.id).limit(limit)).all()
+            rows = conn.execute(select(dead_letters).where(and_(true(), *cond)).order_by(dead_letters.c.id).limit(limit)).all()
         return [DeadLetter(**r._mapping) for r in rows]
+
+    def stats(self) -> dict[str, int]:
+        """Counts for progress displays: events by status, scores, dead letters."""
+        with self.engine.connect() as conn:
+            by_status = dict(conn.execute(select(events.c.status, func.count()).group_by(events.c.status)).all())
+            n_scores = conn.execute(select(func.count()).select_from(scores)).scalar_one()
+            n_dead = conn.execute(select(func.count()).select_from(dead_letters)).scalar_one()
+        return {
+            "events": int(sum(by_status.values())),
+            "pending": int(by_status.get(EVENT_PENDING, 0)),
+            "published": int(by_status.get(EVENT_PUBLISHED, 0)),
+            "scores": int(n_scores),
+            "dead_letters": int(n_dead),
+        }
 
     def ping(self) -> None:
         """Raise StoreUnavailableError unless the store answers."""

@@ -1,0 +1,3 @@
+"""API routers, one per resource."""
+
+__all__: list[str] = []

@@ -1,0 +1,228 @@
+"""Response models and OpenAPI schemas of the REST API.
+
+Request bodies of ``POST /v1/events`` are not parsed by pydantic: CloudEvents allow arbitrary
+extension attributes, so each object is validated by :meth:`gateway.events.Event.from_dict`, which
+names the bad attribute. :data:`CLOUDEVENT_SCHEMA` documents the shape in OpenAPI only.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
+
+from gateway.events import EXT_ADAPTER, EXT_POSITION, format_time, parse_time
+from gateway.store import StoredEvent
+
+__all__ = [
+    "UtcTime",
+    "Rfc3339",
+    "AcceptResponse",
+    "ModelRef",
+    "ScoreOut",
+    "Lineage",
+    "DeliveryOut",
+    "EventRecord",
+    "EventPage",
+    "CheckResult",
+    "Readiness",
+    "Liveness",
+    "ProblemError",
+    "Problem",
+    "CLOUDEVENT_SCHEMA",
+    "record_from_stored",
+]
+
+#: An aware UTC datetime rendered as RFC 3339 with microseconds and ``Z``.
+UtcTime = Annotated[datetime, PlainSerializer(format_time, return_type=str, when_used="json")]
+
+
+_RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$")
+_RFC3339_MSG = "expected an RFC 3339 timestamp with a time zone, e.g. 2024-05-01T12:00:00Z"
+
+
+def _rfc3339(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if not _RFC3339.match(text):
+        raise ValueError(_RFC3339_MSG)
+    frac = re.search(r"\.(\d+)", text)
+    if frac and len(frac.group(1)) > 6:  # Python keeps microseconds; drop finer digits
+        text = text.replace(frac.group(0), "." + frac.group(1)[:6], 1)
+    try:
+        return parse_time(text)
+    except ValueError:
+        raise ValueError(_RFC3339_MSG) from None
+
+
+#: Query parameter type: an RFC 3339 timestamp with an explicit offset, parsed to aware UTC.
+Rfc3339 = Annotated[datetime, BeforeValidator(_rfc3339)]
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AcceptResponse(_Out):
+    """Answer of ``POST /v1/events`` (202)."""
+
+    accepted: list[str] = Field(description="Gateway ids newly stored by this request.")
+    duplicates: list[str] = Field(description="Gateway ids that were stored already (idempotent retry).")
+    ids: list[str] = Field(description="The gateway id of every event, in request order.")
+
+
+class ModelRef(_Out):
+    """The model that produced a score."""
+
+    name: str
+    version: str
+
+
+class ScoreOut(_Out):
+    """One model's score of an event."""
+
+    score: float = Field(ge=0, le=1)
+    model: ModelRef
+    explanation: dict[str, Any] | None = None
+    scored_at: UtcTime
+
+
+class Lineage(_Out):
+    """Where the event came from (from its extension attributes)."""
+
+    source_name: str = Field(description="Configured gateway source ('rest' for the REST API).")
+    position: Any = Field(None, description="Where in the source the record was read (JSON), if known.")
+    adapter: str | None = Field(None, description="The adapter kind that read it.")
+
+
+class DeliveryOut(_Out):
+    """Outbox delivery state."""
+
+    status: Literal["pending", "published"] | str
+    attempts: int = Field(description="Failed publish attempts so far.")
+    accepted_at: UtcTime
+    published_at: UtcTime | None = None
+
+
+class EventRecord(_Out):
+    """A stored event with lineage, delivery state and scores."""
+
+    id: str
+    event: dict[str, Any] = Field(description="The structured-mode CloudEvent.")
+    lineage: Lineage
+    delivery: DeliveryOut
+    scores: list[ScoreOut]
+
+
+class EventPage(_Out):
+    """One page of ``GET /v1/events``."""
+
+    items: list[EventRecord]
+    next_cursor: str | None = Field(description="Pass as ``cursor`` for the next page; null on the last page.")
+
+
+class CheckResult(_Out):
+    """One readiness check."""
+
+    ok: bool
+    detail: str
+
+
+class Readiness(_Out):
+    """Answer of ``GET /readyz`` when ready."""
+
+    status: Literal["ready", "unavailable"]
+    checks: dict[str, CheckResult]
+
+
+class Liveness(_Out):
+    """Answer of ``GET /healthz``."""
+
+    status: Literal["ok"] = "ok"
+
+
+class ProblemError(BaseModel):
+    """One validation error inside a problem."""
+
+    loc: list[str | int]
+    msg: str
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details (``application/problem+json``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    instance: str
+    errors: list[ProblemError] | None = None
+
+
+#: JSON schema of one structured-mode CloudEvent (documentation; validation is Event.from_dict).
+CLOUDEVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "title": "CloudEvent",
+    "required": ["specversion", "id", "source", "type"],
+    "properties": {
+        "specversion": {"type": "string", "enum": ["1.0"]},
+        "id": {"type": "string", "minLength": 1, "description": "Client id; kept as extension 'clientid'."},
+        "source": {"type": "string", "minLength": 1, "format": "uri-reference"},
+        "type": {"type": "string", "minLength": 1},
+        "time": {"type": "string", "format": "date-time", "description": "Defaults to the acceptance time."},
+        "subject": {"type": "string", "minLength": 1},
+        "datacontenttype": {"type": "string", "minLength": 1},
+        "dataschema": {"type": "string", "minLength": 1},
+        "traceparent": {"type": "string", "description": "W3C trace context."},
+        "data": {},
+    },
+    "additionalProperties": {
+        "description": "Extension attributes: names of 1-20 lowercase letters or digits; string, integer or boolean.",
+        "type": ["string", "integer", "boolean"],
+    },
+}
+
+
+def _position(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def record_from_stored(stored: StoredEvent) -> EventRecord:
+    """Build the API view of a stored event."""
+    ev = stored.event
+    adapter = ev.get(EXT_ADAPTER)
+    return EventRecord(
+        id=str(ev.get("id")),
+        event=ev,
+        lineage=Lineage(
+            source_name=stored.source_name,
+            position=_position(ev.get(EXT_POSITION)),
+            adapter=str(adapter) if adapter is not None else None,
+        ),
+        delivery=DeliveryOut(
+            status=stored.status,
+            attempts=stored.attempts,
+            accepted_at=stored.accepted_at,
+            published_at=stored.published_at,
+        ),
+        scores=[
+            ScoreOut(
+                score=float(s["score"]),
+                model=ModelRef(name=s["model"]["name"], version=s["model"]["version"]),
+                explanation=s.get("explanation"),
+                scored_at=s["scored_at"],
+            )
+            for s in stored.scores
+        ],
+    )

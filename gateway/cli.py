@@ -1,0 +1,277 @@
+"""The ``gateway`` command."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from pydantic import ValidationError
+
+from gateway.config import Settings, format_validation_error, load_settings
+from gateway.errors import ConfigurationError, GatewayError
+
+app = typer.Typer(help="legacy-gateway: legacy systems to CloudEvents, RabbitMQ and AI scoring.", no_args_is_help=True)
+db_app = typer.Typer(help="Gateway store migrations.", no_args_is_help=True)
+sources_app = typer.Typer(help="Configured sources.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(sources_app, name="sources")
+
+ConfigOpt = Annotated[
+    Optional[Path],
+    typer.Option("--config", "-c", help="YAML configuration file (default: $GATEWAY_CONFIG, else defaults + environment)."),
+]
+LogOpt = Annotated[str, typer.Option("--log-level", help="Logging level.")]
+
+log = logging.getLogger("gateway")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("pika").setLevel(logging.WARNING)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _settings(config: Path | None, **overrides: Any) -> Settings:
+    try:
+        return load_settings(config, **overrides)
+    except ConfigurationError as exc:
+        _fail(str(exc))
+        raise  # unreachable
+
+
+def validate_sources(settings: Settings, where: str, connect: bool = False) -> list[str]:
+    """Validate each source's adapter config; returns error lines (empty when valid)."""
+    from gateway.plugins import load_adapter
+    from gateway.sources.mapping import Mapper
+
+    errors: list[str] = []
+    for i, src in enumerate(settings.sources):
+        try:
+            cls = load_adapter(src.adapter)
+        except ConfigurationError as exc:
+            errors.append(f"{where}: sources[{i}].adapter: {exc}")
+            continue
+        try:
+            cfg = cls.parse_config(src.config)
+        except ValidationError as exc:
+            errors.extend(
+                line.replace(f"{where}: ", f"{where}: sources[{i}].config.", 1)
+                for line in format_validation_error(exc, where).splitlines()
+            )
+            continue
+        if connect:
+            adapter = cls(cfg, source_name=src.name)
+            try:
+                adapter.check()
+                columns = getattr(adapter, "columns", None)
+                if callable(columns):
+                    missing = Mapper(src.mapping, src.name, cls.kind).required_fields() - set(columns())
+                    if missing:
+                        errors.append(
+                            f"{where}: sources[{i}].mapping: field(s) {sorted(missing)} not produced by the "
+                            f"source (available: {', '.join(columns())})"
+                        )
+            except GatewayError as exc:
+                errors.append(f"{where}: sources[{i}]: {exc}")
+            finally:
+                adapter.close()
+    return errors
+
+
+@app.command()
+def check(
+    config: ConfigOpt = None,
+    connect: Annotated[bool, typer.Option(help="Also connect to each source and check names against it.")] = False,
+) -> None:
+    """Validate a configuration file; exit 0 when valid, 2 with precise errors otherwise."""
+    settings = _settings(config)
+    where = str(config) if config else "<environment>"
+    errors = validate_sources(settings, where, connect=connect)
+    if errors:
+        typer.echo("\n".join(errors), err=True)
+        raise typer.Exit(2)
+    typer.echo(f"{where}: OK ({len(settings.sources)} source(s), bus: {'rabbitmq' if settings.bus.url else 'in-process'})")
+
+
+@db_app.command("upgrade")
+def db_upgrade(config: ConfigOpt = None, revision: str = "head") -> None:
+    """Migrate the gateway store to the latest (or the given) revision."""
+    from gateway.store import engine_from_settings
+    from gateway.store.migrate import current_revision, upgrade
+
+    settings = _settings(config)
+    engine = engine_from_settings(settings.store)
+    upgrade(engine, revision)
+    typer.echo(f"store at revision {current_revision(engine)}")
+    engine.dispose()
+
+
+@sources_app.command("list")
+def sources_list(config: ConfigOpt = None) -> None:
+    """List configured sources with their committed cursors."""
+    from gateway.store import EventStore, engine_from_settings
+    from gateway.store.migrate import upgrade
+
+    settings = _settings(config)
+    engine = engine_from_settings(settings.store)
+    if settings.store.auto_migrate:
+        upgrade(engine)
+    cursors = {c.source_name: c for c in EventStore(engine).list_cursors()}
+    typer.echo(f"{'NAME':24} {'ADAPTER':10} {'ENABLED':8} {'EVENTS':>8}  {'UPDATED':27} CURSOR")
+    for src in settings.sources:
+        c = cursors.get(src.name)
+        typer.echo(
+            f"{src.name:24} {src.adapter:10} {str(src.enabled).lower():8} {(c.events_total if c else 0):>8}  "
+            f"{(c.updated_at.isoformat() if c else '-'):27} {c.cursor if c else '-'}"
+        )
+    engine.dispose()
+
+
+def _run_roles(settings: Settings, roles: list[str]) -> None:
+    from gateway.runtime import Gateway
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    gw = Gateway(settings, roles=roles)
+    try:
+        gw.start()
+    except ConfigurationError as exc:
+        gw.stop()
+        _fail(str(exc))
+    log.info("gateway running roles: %s", ", ".join(roles))
+    stop.wait()
+    log.info("stopping: finishing in-flight work")
+    gw.stop()
+
+
+@app.command()
+def run(config: ConfigOpt = None, log_level: LogOpt = "info") -> None:
+    """Run every role (sources, relay, scorer, API) in one process."""
+    _setup_logging(log_level)
+    _run_roles(_settings(config), ["sources", "relay", "scorer", "api"])
+
+
+@app.command()
+def api(config: ConfigOpt = None, log_level: LogOpt = "info") -> None:
+    """Run the REST API alone."""
+    _setup_logging(log_level)
+    _run_roles(_settings(config), ["api"])
+
+
+@app.command()
+def worker(
+    role: Annotated[str, typer.Option("--role", help="sources | relay | scorer")],
+    config: ConfigOpt = None,
+    log_level: LogOpt = "info",
+) -> None:
+    """Run one worker role alone (scale each role separately)."""
+    if role not in ("sources", "relay", "scorer"):
+        _fail(f"--role: expected one of sources, relay, scorer; got {role!r}")
+    _setup_logging(log_level)
+    settings = _settings(config)
+    if settings.bus.url is None:
+        _fail("worker roles in separate processes need RabbitMQ: set bus.url (GATEWAY_BUS__URL)")
+    _run_roles(settings, [role])
+
+
+@app.command()
+def demo(
+    seconds: Annotated[float, typer.Option(help="Stop after this many seconds.")] = 25.0,
+    rows: Annotated[int, typer.Option(help="Historic legacy rows to create.")] = 3000,
+    port: Annotated[int, typer.Option(help="API port (0: any free port).")] = 8080,
+    workdir: Annotated[Optional[Path], typer.Option(help="Folder for the demo databases (default: a temp folder).")] = None,
+    store_url: Annotated[Optional[str], typer.Option(envvar="GATEWAY_STORE__URL", help="Gateway store URL (default: SQLite in workdir).")] = None,
+    amqp_url: Annotated[Optional[str], typer.Option(envvar="GATEWAY_BUS__URL", help="RabbitMQ URL (default: in-process bus).")] = None,
+    log_level: LogOpt = "warning",
+) -> None:
+    """Legacy rows become scored events: a self-contained demo (SQLite + in-process bus by default)."""
+    from gateway.demo import LegacyWriter, create_legacy_db, demo_settings
+    from gateway.runtime import Gateway
+
+    _setup_logging(log_level)
+    folder = workdir or Path(tempfile.mkdtemp(prefix="gateway-demo-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    legacy_url = f"sqlite:///{folder / 'legacy.db'}"
+    typer.echo(f"legacy-gateway demo -- working in {folder}")
+    next_id = create_legacy_db(legacy_url, rows)
+    typer.echo(f"  legacy database: {rows} card transactions in {folder / 'legacy.db'} (about 2% anomalies)")
+    settings = _settings(None, **demo_settings(folder, port=port, store_url=store_url, amqp_url=amqp_url))
+    typer.echo(f"  store: {'SQLite' if settings.store.url.get_secret_value().startswith('sqlite') else 'external'}; "
+               f"bus: {'RabbitMQ' if settings.bus.url else 'in-process'}")
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    gw = Gateway(settings)
+    gw.start()
+    writer = LegacyWriter(legacy_url, next_id)
+    wthread = threading.Thread(target=writer.run, args=(stop,), daemon=True)
+    wthread.start()
+    if gw.api_server is not None:
+        for _ in range(50):
+            if gw.api_server.started:
+                break
+            time.sleep(0.1)
+        sock = gw.api_server.servers[0].sockets[0].getsockname() if gw.api_server.servers else ("127.0.0.1", port)
+        typer.echo(f"  API: http://{sock[0]}:{sock[1]}/v1/events  (OpenAPI: /docs)")
+    t0 = time.monotonic()
+    try:
+        while not stop.wait(1.0):
+            s = gw.store.stats()
+            typer.echo(
+                f"  [{time.monotonic() - t0:5.1f}s] legacy rows written {rows + writer.written:6d} | events {s['events']:6d} "
+                f"| published {s['published']:6d} | scored {s['scores']:6d} | dead letters {s['dead_letters']}"
+            )
+            if time.monotonic() - t0 >= seconds:
+                break
+    finally:
+        stop.set()
+        wthread.join(5)
+        top = gw.store.top_scored(10)
+        gw.stop()
+    typer.echo("\nTop-scored events (the anomaly model learned from the stream, no training data):")
+    typer.echo(f"  {'SCORE':>6}  {'SUBJECT':18} {'AMOUNT':>10} {'COUNTRY':7} {'CHANNEL':7} WHY")
+    for score, ev in top:
+        d = ev.get("data", {})
+        typer.echo(
+            f"  {score:6.3f}  {str(ev.get('subject')):18} {str(d.get('amount')):>10} {str(d.get('country')):7} "
+            f"{str(d.get('channel')):7} {_why(gw, ev['id'])}"
+        )
+    typer.echo(f"\nDone. Databases kept in {folder}.")
+
+
+def _why(gw: Any, event_id: str) -> str:
+    stored = gw.store.get_event(event_id)
+    if not stored or not stored.scores:
+        return ""
+    expl = stored.scores[0].get("explanation") or {}
+    feats = expl.get("features") if isinstance(expl, dict) else None
+    if isinstance(feats, list) and feats:
+        return ", ".join(str(f.get("feature", f)) if isinstance(f, dict) else str(f) for f in feats[:2])
+    if isinstance(expl, dict):
+        return ", ".join(f"{k}" for k in list(expl)[:2])
+    return ""
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""``gateway demo``: legacy rows become scored events in a minute, with nothing installed.
+
+It creates a SQLite "legacy" database of card transactions (about 2 % anomalies: huge amounts,
+unusual countries, odd hours), keeps writing new ones and updating a few while the gateway polls
+it, relays the events through the bus, scores them and serves the API. It prints progress and the
+top-scored events, and stops by itself after ``--seconds`` or on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Column, DateTime, Integer, MetaData, Numeric, String, Table, create_engine, insert, update
+
+__all__ = ["create_legacy_db", "LegacyWriter", "demo_settings"]
+
+_META = MetaData()
+TRANSACTIONS = Table(
+    "card_transactions",
+    _META,
+    Column("txn_id", Integer, primary_key=True),
+    Column("account_no", String(12), nullable=False),
+    Column("amount", Numeric(12, 2), nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("merchant_category", String(4), nullable=False),
+    Column("country", String(2), nullable=False),
+    Column("channel", String(8), nullable=False),
+    Column("status", String(10), nullable=False),
+    Column("last_modified", DateTime, nullable=False),
+)
+
+_CATEGORIES = ["5411", "5812", "5541", "5999", "4111", "5732"]
+_COUNTRIES = ["DE", "DE", "DE", "FR", "NL", "AT"]
+_CHANNELS = ["pos", "pos", "ecom", "atm"]
+
+
+def _row(rng: random.Random, txn_id: int, when: datetime) -> dict[str, Any]:
+    anomaly = rng.random() < 0.02
+    amount = rng.lognormvariate(3.3, 0.6)
+    country = rng.choice(_COUNTRIES)
+    if anomaly:
+        kind = rng.choice(["amount", "country", "both"])
+        if kind in ("amount", "both"):
+            amount *= rng.uniform(25, 80)
+        if kind in ("country", "both"):
+            country = rng.choice(["KP", "XK", "BV"])
+    return {
+        "txn_id": txn_id,
+        "account_no": f"AC{rng.randint(1, 400):06d}",
+        "amount": Decimal(f"{amount:.2f}"),
+        "currency": "EUR",
+        "merchant_category": rng.choice(_CATEGORIES),
+        "country": country,
+        "channel": rng.choice(_CHANNELS),
+        "status": "BOOKED",
+        "last_modified": when.replace(tzinfo=None),
+    }
+
+
+def create_legacy_db(url: str, rows: int, seed: int = 7) -> int:
+    """Create the legacy table with ``rows`` historic transactions; returns the next id."""
+    engine = create_engine(url)
+    _META.drop_all(engine)
+    _META.create_all(engine)
+    rng = random.Random(seed)
+    start = datetime.now(timezone.utc) - timedelta(hours=2)
+    with engine.begin() as conn:
+        batch = [_row(rng, i, start + timedelta(milliseconds=i * 500)) for i in range(1, rows + 1)]
+        conn.execute(insert(TRANSACTIONS), batch)
+    engine.dispose()
+    return rows + 1
+
+
+class LegacyWriter:
+    """Keeps the legacy system busy: new transactions, and a few reversals (updates)."""
+
+    def __init__(self, url: str, next_id: int, per_second: float = 40.0, seed: int = 11) -> None:
+        self._engine = create_engine(url)
+        self._next = next_id
+        self._rate = per_second
+        self._rng = random.Random(seed)
+        self.written = 0
+        self.updated = 0
+
+    def run(self, stop: threading.Event) -> None:
+        """Write until ``stop`` is set."""
+        while not stop.wait(0.25):
+            n = max(1, int(self._rate / 4))
+            now = datetime.now(timezone.utc)
+            with self._engine.begin() as conn:
+                conn.execute(insert(TRANSACTIONS), [_row(self._rng, self._next + i, now) for i in range(n)])
+                if self._rng.random() < 0.5 and self._next > 10:
+                    victim = self._rng.randint(1, self._next - 1)
+                    conn.execute(
+                        update(TRANSACTIONS)
+                        .where(TRANSACTIONS.c.txn_id == victim)
+                        .values(status="REVERSED", last_modified=now.replace(tzinfo=None))
+                    )
+                    self.updated += 1
+            self._next += n
+            self.written += n
+        self._engine.dispose()
+
+
+def demo_settings(workdir: Path, *, port: int, store_url: str | None, amqp_url: str | None) -> dict[str, Any]:
+    """Settings of the demo pipeline (a dict for ``load_settings`` overrides)."""
+    return {
+        "profile": "dev",
+        "store": {"url": store_url or f"sqlite:///{workdir / 'gateway.db'}"},
+        "bus": {"url": amqp_url, "prefix": "gateway-demo"},
+        "api": {"port": port},
+        "scoring": {"warmup": 50, "exclude_fields": ["txn_id", "account_no"]},
+        "sources": [
+            {
+                "name": "card-transactions",
+                "adapter": "sql",
+                "interval": 0.2,
+                "config": {
+                    "url": f"sqlite:///{workdir / 'legacy.db'}",
+                    "table": "card_transactions",
+                    "mode": "timestamp_key",
+                    "timestamp_column": "last_modified",
+                    "key_column": "txn_id",
+                    "batch_size": 500,
+                },
+                "mapping": {
+                    "type": "com.acme.cards.transaction.changed",
+                    "entity": "transaction",
+                    "key": ["txn_id"],
+                    "version": "last_modified",
+                    "time": "last_modified",
+                    "subject": "transaction/{txn_id}",
+                },
+            }
+        ],
+    }
+
+
+def wait_until(predicate: Any, timeout: float, interval: float = 0.1) -> bool:
+    """Poll ``predicate`` until true or ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())

@@ -1,0 +1,52 @@
+"""Plugin discovery through entry points (group ``gateway.adapters``).
+
+Built-in adapters are registered by the same entry points as third-party ones. Plugins load
+lazily by name; a plugin that fails to import warns and is skipped; an unknown name raises a
+ConfigurationError listing the available ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+from importlib.metadata import EntryPoint, entry_points
+
+from adapters.base import PollingSource
+from gateway.errors import ConfigurationError
+
+__all__ = ["ADAPTER_GROUP", "adapter_names", "load_adapter"]
+
+ADAPTER_GROUP = "gateway.adapters"
+log = logging.getLogger(__name__)
+
+
+@lru_cache(maxsize=1)
+def _entry_points() -> dict[str, EntryPoint]:
+    return {ep.name: ep for ep in entry_points(group=ADAPTER_GROUP)}
+
+
+def adapter_names() -> list[str]:
+    """Names of every installed adapter plugin."""
+    return sorted(_entry_points())
+
+
+def load_adapter(name: str) -> type[PollingSource]:  # type: ignore[type-arg]
+    """The adapter class registered as ``name``.
+
+    Raises:
+        ConfigurationError: unknown name (the message lists the available ones), or the plugin
+            failed to load.
+    """
+    ep = _entry_points().get(name)
+    if ep is None:
+        raise ConfigurationError(
+            f"unknown adapter {name!r}; available: {', '.join(adapter_names()) or 'none installed'}"
+        )
+    try:
+        cls = ep.load()
+    except Exception as exc:  # a broken plugin must not take the gateway down
+        log.warning("adapter plugin %r failed to load: %s: %s", name, type(exc).__name__, exc)
+        raise ConfigurationError(f"adapter {name!r} failed to load: {type(exc).__name__}: {exc}") from exc
+    if not (isinstance(cls, type) and issubclass(cls, PollingSource)):
+        raise ConfigurationError(f"adapter {name!r} ({ep.value}) is not a PollingSource subclass")
+    return cls

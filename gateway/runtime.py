@@ -1,0 +1,169 @@
+"""Wiring: build the store, bus and roles from settings and run them in threads.
+
+``gateway run`` runs every role in one process; ``gateway worker --role X`` runs one. Roles:
+``sources`` (one runner thread per enabled source), ``relay``, ``scorer`` and ``api``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.bus import Bus, Topology, bus_from_settings
+from gateway.config import Settings
+from gateway.relay import Relay
+from gateway.sources.runner import SourceRunner
+from gateway.store import EventStore, engine_from_settings
+from gateway.store.migrate import upgrade
+
+__all__ = ["Gateway", "ROLES"]
+
+log = logging.getLogger("gateway")
+
+ROLES = ("sources", "relay", "scorer", "api")
+
+
+@dataclass
+class _Worker:
+    name: str
+    thread: threading.Thread
+    close: Callable[[], None] = lambda: None
+
+
+@dataclass
+class Gateway:
+    """A running set of gateway roles sharing one store and one bus.
+
+    Args:
+        settings: validated settings.
+        roles: which roles to run.
+    """
+
+    settings: Settings
+    roles: Iterable[str] = ROLES
+    store: EventStore = field(init=False)
+    bus: Bus = field(init=False)
+    topology: Topology = field(init=False)
+    runners: list[SourceRunner] = field(default_factory=list, init=False)
+    relay: Relay | None = field(default=None, init=False)
+    scorer: Any = field(default=None, init=False)
+    api_server: Any = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.roles = tuple(self.roles)
+        unknown = set(self.roles) - set(ROLES)
+        if unknown:
+            raise ValueError(f"unknown role(s) {sorted(unknown)}; roles: {', '.join(ROLES)}")
+        engine = engine_from_settings(self.settings.store)
+        if self.settings.store.auto_migrate:
+            upgrade(engine)
+        self.store = EventStore(engine)
+        self.topology = Topology.from_settings(self.settings.bus)
+        self.bus = bus_from_settings(self.settings.bus)
+        self._stop = threading.Event()
+        self._workers: list[_Worker] = []
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Declare the topology and start every role in its own thread(s)."""
+        self.bus.declare_topology()
+        if "relay" in self.roles:
+            publisher = self.bus.publisher()
+            self.relay = Relay(
+                self.store, publisher, self.topology, self.settings.relay,
+                publish_timeout=self.settings.bus.publish_timeout,
+            )
+            self._spawn("relay", self.relay.run, publisher.close)
+        if "scorer" in self.roles:
+            self._start_scorer()
+        if "sources" in self.roles:
+            for src in self.settings.sources:
+                if not src.enabled:
+                    continue
+                runner = SourceRunner(src, self.store, on_accept=self.wake_relay)
+                self.runners.append(runner)
+                self._spawn(f"source:{src.name}", runner.run)
+        if "api" in self.roles:
+            self._start_api()
+
+    def _start_scorer(self) -> None:
+        from gateway.scoring import ScoringWorker, scorer_from_settings
+
+        sc = self.settings.scoring
+        consumer = self.bus.consumer(self.topology.scoring_queue, self.settings.bus.prefetch)
+        publisher = self.bus.publisher()
+        self.scorer = ScoringWorker(
+            consumer, publisher, self.store, scorer_from_settings(sc), self.topology,
+            batch_max=sc.batch_max, batch_linger_ms=sc.batch_linger_ms,
+            max_attempts=self.settings.bus.max_attempts, publish_timeout=self.settings.bus.publish_timeout,
+        )
+
+        def close() -> None:
+            consumer.close()
+            publisher.close()
+
+        self._spawn("scorer", self.scorer.run, close)
+
+    def _start_api(self) -> None:
+        import uvicorn
+
+        from gateway.api import create_app
+
+        app = create_app(self.settings, self.store, self.bus, on_accept=self.wake_relay)
+        config = uvicorn.Config(
+            app, host=self.settings.api.host, port=self.settings.api.port, log_level="warning", lifespan="off"
+        )
+        self.api_server = uvicorn.Server(config)
+
+        def serve(_stop: threading.Event) -> None:
+            self.api_server.run()
+
+        def close() -> None:
+            self.api_server.should_exit = True
+
+        self._spawn("api", serve, close)
+
+    def _spawn(self, name: str, target: Callable[[threading.Event], None], close: Callable[[], None] = lambda: None) -> None:
+        def body() -> None:
+            try:
+                target(self._stop)
+            except Exception:
+                log.exception("role %s crashed", name)
+
+        thread = threading.Thread(target=body, name=f"gateway-{name}", daemon=True)
+        self._workers.append(_Worker(name, thread, close))
+        thread.start()
+
+    def wake_relay(self) -> None:
+        """Wake the in-process relay after a commit (no fixed-interval wait while work waits)."""
+        if self.relay is not None:
+            self.relay.wake()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop intake, let every role finish its current batch, then close connections."""
+        self._stop.set()
+        if self.api_server is not None:
+            self.api_server.should_exit = True
+        for w in self._workers:
+            w.thread.join(timeout)
+        for w in reversed(self._workers):
+            try:
+                w.close()
+            except Exception:  # noqa: BLE001 -- closing is best effort
+                log.exception("closing %s failed", w.name)
+        self.bus.close()
+        self.store.engine.dispose()
+
+    def __enter__(self) -> Gateway:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
