@@ -102,7 +102,7 @@ class Lineage(_Out):
 class DeliveryOut(_Out):
     """Outbox delivery state."""
 
-    status: Literal["pending", "published"] | str
+    status: str = Field(description="pending or published.")
     attempts: int = Field(description="Failed publish attempts so far.")
     accepted_at: UtcTime
     published_at: UtcTime | None = None

@@ -162,18 +162,20 @@ class InMemoryPublisher:
 
     def __init__(self, bus: InMemoryBus) -> None:
         self._bus = bus
+        self._closed = False
 
     def publish(self, exchange: str, messages: Sequence[Message]) -> Future[list[Outcome]]:
         fut: Future[list[Outcome]] = Future()
         with self._bus._cond:
-            if self._bus._closed:
+            if self._bus._closed or self._closed:
                 fut.set_result([Outcome.LOST] * len(messages))
             else:
                 fut.set_result([self._bus._publish_locked(exchange, m) for m in messages])
         return fut
 
     def close(self) -> None:
-        pass
+        # Like RabbitMQ's publisher: a closed publisher delivers nothing (LOST), it never ACKs.
+        self._closed = True
 
 
 class InMemoryConsumer:

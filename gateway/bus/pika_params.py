@@ -73,8 +73,12 @@ def connection_parameters(settings: BusSettings, connection_name: str = "gateway
     Raises:
         ConfigurationError: when the URL is missing or not a valid AMQP URL.
     """
+    url = _url(settings)
+    scheme = url.split(":", 1)[0].lower()
+    if scheme not in ("amqp", "amqps"):  # pika silently maps http(s) to amqp(s); we do not
+        raise ConfigurationError(f"bus.url must start with amqp:// or amqps://, got {scheme!r}")
     try:
-        params = pika.URLParameters(_url(settings))
+        params = pika.URLParameters(url)
     except ConfigurationError:
         raise
     except Exception as exc:  # pika raises ValueError/TypeError with the URL part in the text

@@ -36,9 +36,6 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, select
-from sqlalchemy.exc import SQLAlchemyError
-
 from gateway.bus.protocols import Consumer, Delivery, Message, Outcome, Publisher
 from gateway.bus.topology import Topology
 from gateway.errors import ContractError, StoreUnavailableError
@@ -47,7 +44,6 @@ from gateway.events.jsonsafe import dumps
 from gateway.events.scored import scored_event
 from gateway.scoring.protocols import Scorer, ScoreResult
 from gateway.store.repository import EventStore, ScoreRecord
-from gateway.store.schema import scores as scores_table
 
 __all__ = ["ScoringWorker", "STAGE"]
 
@@ -146,7 +142,11 @@ class ScoringWorker:
         try:
             while not stop.is_set():
                 try:
-                    self.process_once(max_wait=0.25)
+                    started = time.monotonic()
+                    if self.process_once(max_wait=0.25) == 0 and time.monotonic() - started < 0.01:
+                        # An empty batch that came back at once means a closed or broken
+                        # consumer: do not spin on it.
+                        stop.wait(0.05)
                 except Exception:  # a bug, not a message problem: keep serving, but slowly
                     log.exception("scoring batch failed unexpectedly; deliveries requeued")
                     self._backoff()
@@ -196,10 +196,12 @@ class ScoringWorker:
         committed = self._committed_scores(again) if again else {}
         done: list[tuple[Delivery, Event, ScoreResult]] = []
         todo: list[tuple[Delivery, Event]] = []
+        first_scored_at: dict[str, datetime] = {}
         for d, ev in good:
             hit = committed.get(ev.id)
             if hit is not None:
-                done.append((d, ev, hit))
+                done.append((d, ev, ScoreResult(hit.score, hit.explanation)))
+                first_scored_at[ev.id] = hit.scored_at  # the republished event is identical
             else:
                 todo.append((d, ev))
 
@@ -226,7 +228,7 @@ class ScoringWorker:
                 log.warning("score commit failed, requeueing %d deliveries: %s", len(batch), exc)
                 raise _StoreDown from exc
         ready = done + fresh
-        clean = self._publish_and_ack(ready, now)
+        clean = self._publish_and_ack(ready, now, first_scored_at)
         if failed:
             self._retry_or_dead_letter(failed)
         if clean and not failed:
@@ -271,7 +273,9 @@ class ScoringWorker:
             out.append(ScoreResult(score, r.explanation))
         return out
 
-    def _publish_and_ack(self, ready: list[tuple[Delivery, Event, ScoreResult]], now: datetime) -> bool:
+    def _publish_and_ack(
+        self, ready: list[tuple[Delivery, Event, ScoreResult]], now: datetime, scored_at: dict[str, datetime]
+    ) -> bool:
         """Publish scored events, ack the confirmed ones, requeue the rest; True if all were done."""
         if not ready:
             return True
@@ -283,7 +287,7 @@ class ScoringWorker:
                 model_name=self.scorer.name,
                 model_version=self.scorer.version,
                 explanation=res.explanation,
-                scored_at=now,
+                scored_at=scored_at.get(ev.id, now),
             )
             messages.append(Message(body=se.to_json(), routing_key=ev.type, message_id=se.id))
         try:
@@ -352,31 +356,21 @@ class ScoringWorker:
                 headers=_json_safe_headers(d.headers),
                 attempts=attempts,
             )
-        except (StoreUnavailableError, SQLAlchemyError) as store_exc:
-            # add_dead_letter does not wrap driver errors itself; either way the store is down.
+        except StoreUnavailableError as store_exc:
             log.warning("dead-letter row not stored: %s", store_exc)
             raise _StoreDown from store_exc
         log.warning("dead-lettered delivery %s: %s", d.message_id or "<no id>", reason)
         self._reject(d, requeue=False)
         self.dead_lettered += 1
 
-    def _committed_scores(self, event_ids: list[str]) -> dict[str, ScoreResult]:
+    def _committed_scores(self, event_ids: list[str]) -> dict[str, ScoreRecord]:
         """Scores of this model version already committed for ``event_ids``."""
-        # EventStore has no read-by-ids for scores yet, so read the scores table directly.
-        query = select(scores_table.c.event_id, scores_table.c.score, scores_table.c.explanation).where(
-            and_(
-                scores_table.c.event_id.in_(event_ids),
-                scores_table.c.model_name == self.scorer.name,
-                scores_table.c.model_version == self.scorer.version,
-            )
-        )
         try:
-            with self.store.engine.connect() as conn:
-                rows = conn.execute(query).all()
-        except SQLAlchemyError as exc:
+            return self.store.get_scores(event_ids, self.scorer.name, self.scorer.version)
+        except StoreUnavailableError as exc:
             log.warning("reading committed scores failed: %s", exc)
             raise _StoreDown from exc
-        return {r.event_id: ScoreResult(float(r.score), r.explanation) for r in rows}
+
 
     def _reject(self, d: Delivery, *, requeue: bool) -> None:
         self.consumer.reject(d, requeue=requeue)

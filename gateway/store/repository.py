@@ -7,7 +7,8 @@ Every method is one transaction. Nothing here retries; callers decide (see ``gat
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -140,6 +141,16 @@ def _insert_ignore(conn: Connection, table: Table, keys: Sequence[str]) -> Inser
     raise StoreUnavailableError(f"unsupported store dialect {name!r}")
 
 
+@contextmanager
+def _guard(what: str) -> Iterator[None]:
+    """Turn database errors into StoreUnavailableError (type only: driver text can hold hosts/users)."""
+    try:
+        yield
+    except (DBAPIError, SQLAlchemyError) as exc:
+        orig = exc.orig if isinstance(exc, DBAPIError) else exc
+        raise StoreUnavailableError(f"{what} failed: {type(orig).__name__}") from exc
+
+
 def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
@@ -221,9 +232,13 @@ class EventStore:
         except FencingError:
             raise
         except (DBAPIError, SQLAlchemyError) as exc:
-            raise StoreUnavailableError(f"outbox transaction failed: {type(exc).__name__}: {exc.orig if isinstance(exc, DBAPIError) else exc}") from exc
+            orig = exc.orig if isinstance(exc, DBAPIError) else exc
+            raise StoreUnavailableError(f"outbox transaction failed: {type(orig).__name__}") from exc
         ins = set(inserted)
-        return AcceptResult(inserted=inserted, duplicates=[ev.id for ev in batch if ev.id not in ins])
+        # Both lists in batch order, each id once.
+        return AcceptResult(
+            inserted=[i for i in rows if i in ins], duplicates=[i for i in rows if i not in ins]
+        )
 
     def _insert_events(self, conn: Connection, rows: list[dict[str, Any]]) -> list[str]:
         if self._dialect in ("postgresql", "sqlite"):
@@ -273,7 +288,7 @@ class EventStore:
         :class:`FencingError`, so two runners never both advance one cursor.
         """
         now = self._clock()
-        with self.engine.begin() as conn:
+        with _guard('acquire_epoch'), self.engine.begin() as conn:
             conn.execute(
                 _insert_ignore(conn, source_cursors, ["source_name"]),
                 {"source_name": source_name, "cursor": None, "epoch": 0, "updated_at": now, "events_total": 0},
@@ -291,13 +306,13 @@ class EventStore:
 
     def get_cursor(self, source_name: str) -> CursorState | None:
         """The committed cursor of ``source_name``, or ``None`` if it never ran."""
-        with self.engine.connect() as conn:
+        with _guard('get_cursor'), self.engine.connect() as conn:
             row = conn.execute(select(source_cursors).where(source_cursors.c.source_name == source_name)).first()
         return self._cursor_state(row) if row else None
 
     def list_cursors(self) -> list[CursorState]:
         """Every source's cursor."""
-        with self.engine.connect() as conn:
+        with _guard('list_cursors'), self.engine.connect() as conn:
             rows = conn.execute(select(source_cursors).order_by(source_cursors.c.source_name)).all()
         return [self._cursor_state(r) for r in rows]
 
@@ -326,7 +341,7 @@ class EventStore:
         )
         if self._skip_locked:
             query = query.with_for_update(skip_locked=True)
-        with self.engine.begin() as conn:
+        with _guard('claim_pending'), self.engine.begin() as conn:
             rows = conn.execute(query).all()
             if not rows:
                 return []
@@ -342,7 +357,7 @@ class EventStore:
         if not seqs:
             return
         now = self._clock()
-        with self.engine.begin() as conn:
+        with _guard('mark_published'), self.engine.begin() as conn:
             for chunk in _chunks(list(seqs), 1000):
                 conn.execute(
                     update(events)
@@ -360,7 +375,7 @@ class EventStore:
         if not failures:
             return
         now = self._clock()
-        with self.engine.begin() as conn:
+        with _guard('mark_failed'), self.engine.begin() as conn:
             current = dict(
                 conn.execute(select(events.c.seq, events.c.attempts).where(events.c.seq.in_(list(failures)))).all()
             )
@@ -382,7 +397,7 @@ class EventStore:
         """Give claimed rows back without counting an attempt (graceful stop)."""
         if not seqs:
             return
-        with self.engine.begin() as conn:
+        with _guard('release'), self.engine.begin() as conn:
             for chunk in _chunks(list(seqs), 1000):
                 conn.execute(
                     update(events)
@@ -392,7 +407,7 @@ class EventStore:
 
     def pending_stats(self) -> tuple[int, datetime | None]:
         """Number of pending outbox rows and the oldest one's acceptance time."""
-        with self.engine.connect() as conn:
+        with _guard('pending_stats'), self.engine.connect() as conn:
             row = conn.execute(
                 select(func.count(), func.min(events.c.accepted_at)).where(events.c.status == EVENT_PENDING)
             ).one()
@@ -437,15 +452,36 @@ class EventStore:
         except (DBAPIError, SQLAlchemyError) as exc:
             raise StoreUnavailableError(f"score transaction failed: {type(exc).__name__}") from exc
 
+    def get_scores(self, event_ids: Sequence[str], model_name: str, model_version: str) -> dict[str, ScoreRecord]:
+        """Committed scores of one model version for ``event_ids`` (missing ids are absent)."""
+        if not event_ids:
+            return {}
+        out: dict[str, ScoreRecord] = {}
+        with _guard("get_scores"), self.engine.connect() as conn:
+            for chunk in _chunks(list(event_ids), 1000):
+                query = select(scores).where(
+                    and_(
+                        scores.c.event_id.in_(chunk),
+                        scores.c.model_name == model_name,
+                        scores.c.model_version == model_version,
+                    )
+                )
+                for r in conn.execute(query).all():
+                    out[r.event_id] = ScoreRecord(
+                        r.event_id, r.model_name, r.model_version, float(r.score), r.explanation,
+                        r.event_type, r.source_name, r.event_time, r.scored_at,
+                    )
+        return out
+
     def count_scores(self) -> int:
         """Total stored scores (all models)."""
-        with self.engine.connect() as conn:
+        with _guard('count_scores'), self.engine.connect() as conn:
             return int(conn.execute(select(func.count()).select_from(scores)).scalar_one())
 
     # ------------------------------------------------------------------ queries
     def get_event(self, event_id: str) -> StoredEvent | None:
         """One event with its delivery state and scores, or ``None``."""
-        with self.engine.connect() as conn:
+        with _guard('get_event'), self.engine.connect() as conn:
             row = conn.execute(select(events).where(events.c.id == event_id)).first()
             if row is None:
                 return None
@@ -472,7 +508,7 @@ class EventStore:
                 events.c.id.in_(select(scores.c.event_id).where(scores.c.score >= flt.min_score))
             )
         query = select(events).where(and_(true(), *cond)).order_by(events.c.seq).limit(limit)
-        with self.engine.connect() as conn:
+        with _guard('list_events'), self.engine.connect() as conn:
             rows = conn.execute(query).all()
             ids = [r.id for r in rows]
             by_event: dict[str, list[dict[str, Any]]] = {i: [] for i in ids}
@@ -489,7 +525,7 @@ class EventStore:
             .order_by(scores.c.score.desc())
             .limit(limit)
         )
-        with self.engine.connect() as conn:
+        with _guard('top_scored'), self.engine.connect() as conn:
             return [(float(s), json.loads(env)) for s, env in conn.execute(query).all()]
 
     @staticmethod
@@ -532,7 +568,7 @@ class EventStore:
             self._clock(), stage=stage, error_class=error_class, reason=reason, payload=payload,
             event_id=event_id, source_name=source_name, headers=headers, attempts=attempts,
         )
-        with self.engine.begin() as conn:
+        with _guard('add_dead_letter'), self.engine.begin() as conn:
             res = conn.execute(dead_letters.insert().values(**row))
             return int(res.inserted_primary_key[0])
 
@@ -562,13 +598,13 @@ class EventStore:
             cond.append(dead_letters.c.stage == stage)
         if after_id is not None:
             cond.append(dead_letters.c.id > after_id)
-        with self.engine.connect() as conn:
+        with _guard('list_dead_letters'), self.engine.connect() as conn:
             rows = conn.execute(select(dead_letters).where(and_(true(), *cond)).order_by(dead_letters.c.id).limit(limit)).all()
         return [DeadLetter(**r._mapping) for r in rows]
 
     def stats(self) -> dict[str, int]:
         """Counts for progress displays: events by status, scores, dead letters."""
-        with self.engine.connect() as conn:
+        with _guard('stats'), self.engine.connect() as conn:
             by_status = dict(conn.execute(select(events.c.status, func.count()).group_by(events.c.status)).all())
             n_scores = conn.execute(select(func.count()).select_from(scores)).scalar_one()
             n_dead = conn.execute(select(func.count()).select_from(dead_letters)).scalar_one()
