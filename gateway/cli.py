@@ -218,6 +218,8 @@ def demo(
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     gw = Gateway(settings)
+    for src in settings.sources:
+        gw.store.set_cursor(src.name, None)  # a fresh legacy database: read it from the start
     gw.start()
     writer = LegacyWriter(legacy_url, next_id)
     wthread = threading.Thread(target=writer.run, args=(stop,), daemon=True)
@@ -234,7 +236,7 @@ def demo(
         while not stop.wait(1.0):
             s = gw.store.stats()
             typer.echo(
-                f"  [{time.monotonic() - t0:5.1f}s] legacy rows written {rows + writer.written:6d} | events {s['events']:6d} "
+                f"  [{time.monotonic() - t0:5.1f}s] legacy rows {rows + writer.written:6d} (+{writer.updated} updated) | events {s['events']:6d} "
                 f"| published {s['published']:6d} | scored {s['scores']:6d} | dead letters {s['dead_letters']}"
             )
             if time.monotonic() - t0 >= seconds:

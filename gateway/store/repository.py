@@ -304,6 +304,18 @@ class EventStore:
                 ).scalar_one()
             )
 
+    def set_cursor(self, source_name: str, cursor: Any) -> int:
+        """Set (or reset with ``None``) a source's cursor; bumps the epoch so a running runner
+        is fenced off and must restart from the new cursor. Returns the new epoch."""
+        epoch = self.acquire_epoch(source_name)
+        with _guard("set_cursor"), self.engine.begin() as conn:
+            conn.execute(
+                update(source_cursors)
+                .where(source_cursors.c.source_name == source_name)
+                .values(cursor=cursor, updated_at=self._clock())
+            )
+        return epoch
+
     def get_cursor(self, source_name: str) -> CursorState | None:
         """The committed cursor of ``source_name``, or ``None`` if it never ran."""
         with _guard('get_cursor'), self.engine.connect() as conn:
