@@ -12,6 +12,11 @@
 from __future__ import annotations
 
 import argparse
+import signal
+import subprocess
+import tempfile
+from typing import Any
+import multiprocessing
 import json
 import os
 import statistics
@@ -108,7 +113,9 @@ def raw_round_trip(n: int, size: int = 1024) -> tuple[float, list[float]]:
             t_first.append(time.perf_counter())
             pump(channel)
 
-        conn = pika.SelectConnection(params, on_open_callback=on_open)
+        conn = pika.SelectConnection(
+            params, on_open_callback=on_open, on_close_callback=lambda c, _reason: c.ioloop.stop()
+        )
         conn.ioloop.start()
 
     ct = threading.Thread(target=consume)
@@ -141,40 +148,65 @@ def drop_database(handle: object) -> None:
 
 
 class Sink:
+    """A queue consumer of scored events in its own process (as real consumers are)."""
+
     def __init__(self, prefix: str) -> None:
-        self.conn = pika.BlockingConnection(pika.URLParameters(AMQP))
-        self.ch = self.conn.channel()
+        self.prefix = prefix
+        conn = pika.BlockingConnection(pika.URLParameters(AMQP))
+        ch = conn.channel()
         self.queue = f"{prefix}.bench-sink"
-        self.ch.exchange_declare(f"{prefix}.scored", "topic", durable=True)
-        self.ch.queue_declare(self.queue, durable=True, arguments={"x-queue-type": "quorum"})
-        self.ch.queue_bind(self.queue, f"{prefix}.scored", "#")
-        self.ch.basic_qos(prefetch_count=1000)
+        ch.exchange_declare(f"{prefix}.scored", "topic", durable=True)
+        ch.queue_declare(self.queue, durable=True, arguments={"x-queue-type": "quorum"})
+        ch.queue_bind(self.queue, f"{prefix}.scored", "#")
+        conn.close()
         self.received: dict[str, float] = {}
         self.event_time: dict[str, datetime] = {}
+        self._proc: multiprocessing.Process | None = None
+        self._out = multiprocessing.Queue()
 
-    def drain(self, n: int, timeout: float) -> None:
-        count = 0
-        for method, _p, body in self.ch.consume(self.queue, inactivity_timeout=timeout):
-            if method is None:
-                break
-            now = time.time()
-            ev = json.loads(body)["data"]["event"]
-            self.received.setdefault(ev["id"], now)
-            self.event_time[ev["id"]] = datetime.fromisoformat(ev["time"].replace("Z", "+00:00"))
-            count += 1
-            if count % 100 == 0:
-                self.ch.basic_ack(method.delivery_tag, multiple=True)
-            if len(self.received) >= n:
-                self.ch.basic_ack(method.delivery_tag, multiple=True)
-                break
-        self.ch.cancel()
+    def start(self, n: int, timeout: float) -> None:
+        self._proc = multiprocessing.Process(target=_drain, args=(self.queue, n, timeout, self._out), daemon=True)
+        self._proc.start()
 
-    def close(self, prefix: str) -> None:
+    def wait(self) -> None:
+        received, times = self._out.get()
+        self._proc.join()  # type: ignore[union-attr]
+        self.received = received
+        self.event_time = {k: datetime.fromisoformat(v.replace("Z", "+00:00")) for k, v in times.items()}
+
+    def close(self) -> None:
+        conn = pika.BlockingConnection(pika.URLParameters(AMQP))
+        ch = conn.channel()
         for q in ("bench-sink", "scoring", "dead"):
-            self.ch.queue_delete(f"{prefix}.{q}")
+            ch.queue_delete(f"{self.prefix}.{q}")
         for x in ("events", "scored", "dlx"):
-            self.ch.exchange_delete(f"{prefix}.{x}")
-        self.conn.close()
+            ch.exchange_delete(f"{self.prefix}.{x}")
+        conn.close()
+
+
+def _drain(queue: str, n: int, timeout: float, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    conn = pika.BlockingConnection(pika.URLParameters(AMQP))
+    ch = conn.channel()
+    ch.basic_qos(prefetch_count=1000)
+    received: dict[str, float] = {}
+    times: dict[str, str] = {}
+    count = 0
+    for method, _p, body in ch.consume(queue, inactivity_timeout=timeout):
+        if method is None:
+            break
+        now = time.time()
+        ev = json.loads(body)["data"]["event"]
+        received.setdefault(ev["id"], now)
+        times[ev["id"]] = ev["time"]
+        count += 1
+        done = len(received) >= n
+        if count % 100 == 0 or done:
+            ch.basic_ack(method.delivery_tag, multiple=True)
+        if done:
+            break
+    ch.cancel()
+    conn.close()
+    out.put((received, times))
 
 
 def settings_for(db_url: str, prefix: str, interval: float) -> Settings:
@@ -205,25 +237,61 @@ def load_rows(engine, n: int) -> None:  # type: ignore[no-untyped-def]
         c.execute(text("CREATE INDEX IF NOT EXISTS legacy_orders_cursor ON legacy_orders (updated_at, id)"))
 
 
-def gateway_full_speed(n: int) -> tuple[float, list[float]]:
+class RoleProcesses:
+    """``gateway worker --role X`` for sources, relay and scorer: one process per role."""
+
+    def __init__(self, settings: Settings, workdir: Path) -> None:
+        import yaml
+
+        data = settings.model_dump(mode="json")
+        data["store"]["url"] = settings.store.url.get_secret_value()
+        data["bus"]["url"] = settings.bus.url.get_secret_value() if settings.bus.url else None
+        self.config = workdir / "gateway.yaml"
+        self.config.write_text(yaml.safe_dump(data))
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self) -> None:
+        exe = Path(sys.executable).with_name("gateway")
+        for role in ("scorer", "relay", "sources"):
+            self.procs.append(subprocess.Popen(
+                [str(exe), "worker", "--role", role, "-c", str(self.config), "--log-level", "warning"]
+            ))
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            p.wait(30)
+
+
+def gateway_full_speed(n: int, processes: bool = False) -> tuple[float, list[float]]:
     db_url, handle = fresh_database()
     engine = create_engine(db_url)
     load_rows(engine, n)
     prefix = "bench-" + uuid.uuid4().hex[:8]
     sink = Sink(prefix)
-    gw = Gateway(settings_for(db_url, prefix, 0.05), roles=["sources", "relay", "scorer"])
-    t0 = time.time()
+    sink.start(n, timeout=60)
+    settings = settings_for(db_url, prefix, 0.05)
+    if processes:
+        from gateway.store import make_engine
+        from gateway.store.migrate import upgrade
+
+        upgrade(make_engine(db_url))
+        gw: Any = RoleProcesses(settings, Path(tempfile.mkdtemp()))
+    else:
+        gw = Gateway(settings, roles=["sources", "relay", "scorer"])
     gw.start()
     try:
-        sink.drain(n, timeout=60)
+        sink.wait()
     finally:
         gw.stop()
-    elapsed = max(sink.received.values()) - t0
     with engine.connect() as c:
         accepted = {r.id: r.accepted_at for r in c.execute(select(events_table.c.id, events_table.c.accepted_at))}
+    # From the first acceptance (process start-up excluded) to the last scored event received.
+    elapsed = max(sink.received.values()) - min(a.timestamp() for a in accepted.values())
     lat = [sink.received[i] - accepted[i].timestamp() for i in sink.received if i in accepted]
     got = len(sink.received)
-    sink.close(prefix)
+    sink.close()
     engine.dispose()
     drop_database(handle)
     if got != n:
@@ -237,9 +305,10 @@ def gateway_paced(rate: int, seconds: float) -> list[float]:
     load_rows(engine, 0)
     prefix = "bench-" + uuid.uuid4().hex[:8]
     sink = Sink(prefix)
+    total = int(rate * seconds)
+    sink.start(total, timeout=30)
     gw = Gateway(settings_for(db_url, prefix, 0.01), roles=["sources", "relay", "scorer"])
     gw.start()
-    total = int(rate * seconds)
     stop = threading.Event()
 
     def writer() -> None:
@@ -261,13 +330,13 @@ def gateway_paced(rate: int, seconds: float) -> list[float]:
     wt = threading.Thread(target=writer)
     wt.start()
     try:
-        sink.drain(total, timeout=30)
+        sink.wait()
     finally:
         stop.set()
         wt.join()
         gw.stop()
     lat = [sink.received[i] - sink.event_time[i].timestamp() for i in sink.received]
-    sink.close(prefix)
+    sink.close()
     engine.dispose()
     drop_database(handle)
     return lat
@@ -280,8 +349,13 @@ def main() -> None:
     ap.add_argument("--paced-seconds", type=float, default=10.0)
     args = ap.parse_args()
 
+    print("raw pika round trip ...", file=sys.stderr, flush=True)
     raw_rate, raw_lat = raw_round_trip(args.events)
+    print("gateway at full speed ...", file=sys.stderr, flush=True)
     gw_rate, gw_lat = gateway_full_speed(args.events)
+    print("gateway, one process per role ...", file=sys.stderr, flush=True)
+    mp_rate, mp_lat = gateway_full_speed(args.events, processes=True)
+    print("gateway paced ...", file=sys.stderr, flush=True)
     paced = gateway_paced(args.paced_rate, args.paced_seconds)
     ms = 1000.0
     print(f"\n## End-to-end benchmark ({args.events} events, {time.strftime('%Y-%m-%d %H:%M')})\n")
@@ -289,8 +363,10 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     print(f"| raw pika: publish (confirms, window 1000) -> quorum queue -> consume (ack/100) | {raw_rate:,.0f} | {statistics.median(raw_lat) * ms:.1f} | {pct(raw_lat, 99) * ms:.1f} |")
     print(f"| gateway: PG table -> outbox -> relay -> RabbitMQ -> scorer -> scored exchange | {gw_rate:,.0f} | {statistics.median(gw_lat) * ms:.1f} | {pct(gw_lat, 99) * ms:.1f} |")
+    print(f"| same, one process per role (sources, relay, scorer) | {mp_rate:,.0f} | {statistics.median(mp_lat) * ms:.1f} | {pct(mp_lat, 99) * ms:.1f} |")
     print(f"| gateway paced at {args.paced_rate}/s, row commit -> scored event received | {len(paced) / args.paced_seconds:,.0f} | {statistics.median(paced) * ms:.1f} | {pct(paced, 99) * ms:.1f} |")
-    print(f"\nratio gateway / raw round trip (throughput): **{gw_rate / raw_rate:.2f}**")
+    print(f"\nratio gateway / raw round trip (throughput): **{gw_rate / raw_rate:.2f}** in one process, "
+          f"**{mp_rate / raw_rate:.2f}** with one process per role")
 
 
 if __name__ == "__main__":

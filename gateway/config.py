@@ -120,9 +120,18 @@ class ScoringSettings(_Section):
     """The scoring worker and its built-in model."""
 
     model: str = Field("online-anomaly", description="Scorer name (built-in: online-anomaly).")
-    batch_max: int = Field(100, ge=1, le=10000, description="Largest micro-batch.")
+    batch_max: int = Field(
+        500, ge=1, le=10000,
+        description="Largest micro-batch. Batches are only this large under backlog; at low rates "
+        "the linger bounds them.",
+    )
     batch_linger_ms: float = Field(
-        15.0, ge=0, le=5000, description="Longest wait to fill a micro-batch once it has one event."
+        10.0, ge=0, le=5000, description="Longest wait to fill a micro-batch once it has one event."
+    )
+    workers: int = Field(
+        2, ge=1, le=16,
+        description="Worker threads per scorer process, each with its own consumer, sharing one model; "
+        "they overlap waiting for the store and the broker's confirms.",
     )
     warmup: int = Field(
         30, ge=1, description="Events per type seen before the built-in model gives real scores."

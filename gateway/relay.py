@@ -135,6 +135,10 @@ class Relay:
     def run(self, stop: threading.Event) -> None:
         """Relay until ``stop`` is set, keeping up to ``in_flight_batches`` batches on the wire."""
         inflight: deque[tuple[list[OutboxRow], Future[list[Outcome]]]] = deque()
+        # Idle polls back off from 5 ms to ``idle_wait``: an empty outbox costs little CPU, and an
+        # in-process ``wake()`` (after every commit) cuts the wait short anyway.
+        floor = min(0.005, self.settings.idle_wait)
+        idle = floor
         try:
             while not stop.is_set():
                 self._wake.clear()
@@ -145,8 +149,12 @@ class Relay:
                     inflight.append(job)
                 if inflight:
                     self._settle(*inflight.popleft())
+                    idle = floor
                     continue
-                self._wake.wait(self.settings.idle_wait)
+                if self._wake.wait(idle):
+                    idle = floor
+                else:
+                    idle = min(idle * 2, self.settings.idle_wait)
         finally:
             # Settle what is on the wire; confirms that never come leave rows pending.
             while inflight:

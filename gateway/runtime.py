@@ -50,6 +50,7 @@ class Gateway:
     runners: list[SourceRunner] = field(default_factory=list, init=False)
     relay: Relay | None = field(default=None, init=False)
     scorer: Any = field(default=None, init=False)
+    scorers: list[Any] = field(default_factory=list, init=False)
     api_server: Any = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -65,6 +66,7 @@ class Gateway:
         self.bus = bus_from_settings(self.settings.bus)
         self._stop = threading.Event()
         self._workers: list[_Worker] = []
+        self._closers: list[Callable[[], None]] = []
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -90,22 +92,23 @@ class Gateway:
             self._start_api()
 
     def _start_scorer(self) -> None:
-        from gateway.scoring import ScoringWorker, scorer_from_settings
+        from gateway.scoring import LockedScorer, ScoringWorker, scorer_from_settings
 
         sc = self.settings.scoring
-        consumer = self.bus.consumer(self.topology.scoring_queue, self.settings.bus.prefetch)
-        publisher = self.bus.publisher()
-        self.scorer = ScoringWorker(
-            consumer, publisher, self.store, scorer_from_settings(sc), self.topology,
-            batch_max=sc.batch_max, batch_linger_ms=sc.batch_linger_ms,
-            max_attempts=self.settings.bus.max_attempts, publish_timeout=self.settings.bus.publish_timeout,
-        )
-
-        def close() -> None:
-            consumer.close()
-            publisher.close()
-
-        self._spawn("scorer", self.scorer.run, close)
+        model = LockedScorer(scorer_from_settings(sc))
+        publisher = self.bus.publisher()  # thread-safe; shared by the workers
+        self.scorers = []
+        for i in range(sc.workers):
+            consumer = self.bus.consumer(self.topology.scoring_queue, self.settings.bus.prefetch)
+            worker = ScoringWorker(
+                consumer, publisher, self.store, model, self.topology,
+                batch_max=sc.batch_max, batch_linger_ms=sc.batch_linger_ms,
+                max_attempts=self.settings.bus.max_attempts, publish_timeout=self.settings.bus.publish_timeout,
+            )
+            self.scorers.append(worker)
+            self._spawn(f"scorer-{i}", worker.run, consumer.close)
+        self.scorer = self.scorers[0]
+        self._closers.append(publisher.close)
 
     def _start_api(self) -> None:
         import uvicorn
@@ -153,11 +156,11 @@ class Gateway:
             self.api_server.should_exit = True
         for w in self._workers:
             w.thread.join(timeout)
-        for w in reversed(self._workers):
+        for close in [w.close for w in reversed(self._workers)] + self._closers:
             try:
-                w.close()
+                close()
             except Exception:  # noqa: BLE001 -- closing is best effort
-                log.exception("closing %s failed", w.name)
+                log.exception("closing failed")
         self.bus.close()
         self.store.engine.dispose()
 

@@ -22,7 +22,7 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from sqlalchemy import Column, Engine, MetaData, Table, and_, create_engine, or_, select, true, tuple_
+from sqlalchemy import Engine, Integer, MetaData, Select, Table, and_, bindparam, create_engine, or_, select, tuple_
 from sqlalchemy.exc import DBAPIError, NoSuchTableError, SQLAlchemyError
 
 from adapters.base import Batch, PollingSource, Record, SourceConfig
@@ -110,6 +110,7 @@ class SqlSource(PollingSource[SqlConfig]):
         self._engine: Engine | None = None
         self._table: Table | None = None
         self._zone = ZoneInfo(config.naive_timezone)
+        self._queries: dict[bool, Select[Any]] = {}
 
     # ---------------------------------------------------------------- lifecycle
     def open(self) -> None:
@@ -143,6 +144,7 @@ class SqlSource(PollingSource[SqlConfig]):
         if self._engine is not None:
             self._engine.dispose()
         self._engine, self._table = None, None
+        self._queries = {}
 
     def columns(self) -> list[str]:
         """Names of the columns each record carries."""
@@ -155,36 +157,21 @@ class SqlSource(PollingSource[SqlConfig]):
         """Read the next ``limit`` rows after ``cursor`` (see the module docstring)."""
         self.open()
         assert self._engine is not None and self._table is not None
-        cfg, t = self.config, self._table
-        key = t.c[cfg.key_column]
-        cols = [t.c[c] for c in cfg.columns] if cfg.columns else list(t.c)
-        for needed in (key, t.c[cfg.timestamp_column] if cfg.timestamp_column else None):
-            if needed is not None and needed not in cols:
-                cols.append(needed)
-        query = select(*cols)
-        conds = []
-        if cfg.mode == "timestamp_key":
-            ts = t.c[cfg.timestamp_column]  # type: ignore[index]
-            if cursor:
-                last_ts = self._bind_ts(ts, parse_time(cursor["ts"]))
-                if self._engine.dialect.name == "sqlite":
-                    conds.append(or_(ts > last_ts, and_(ts == last_ts, key > cursor["key"])))
-                else:
-                    conds.append(tuple_(ts, key) > tuple_(last_ts, cursor["key"]))
-            if cfg.delay_seconds > 0:
-                conds.append(ts < self._bind_ts(ts, utcnow() - timedelta(seconds=cfg.delay_seconds)))
-            query = query.where(and_(true(), *conds)).order_by(ts, key)
-        else:
-            if cursor:
-                query = query.where(key > cursor["key"])
-            query = query.order_by(key)
-        query = query.limit(limit)
+        cfg = self.config
+        params: dict[str, Any] = {"lim": limit}
+        if cursor:
+            params["last_key"] = cursor["key"]
+            if cfg.mode == "timestamp_key":
+                params["last_ts"] = self._bind_ts(parse_time(cursor["ts"]))
+        if cfg.mode == "timestamp_key" and cfg.delay_seconds > 0:
+            params["upper"] = self._bind_ts(utcnow() - timedelta(seconds=cfg.delay_seconds))
+        query = self._query(bool(cursor))
         with self._engine.connect() as conn:
-            rows = conn.execute(query).mappings().all()
+            rows = conn.execute(query, params).mappings().all()
         records = []
         position: Any = cursor
         for row in rows:
-            data = {k: self._normalize(v) for k, v in row.items()}
+            data = {str(k): self._normalize(v) for k, v in row.items()}
             if cfg.mode == "timestamp_key":
                 ts_val = data[cfg.timestamp_column]  # type: ignore[index]
                 if not isinstance(ts_val, datetime):
@@ -198,9 +185,43 @@ class SqlSource(PollingSource[SqlConfig]):
             records.append(Record(data=data, position=position))
         return Batch(records=records, cursor=position, has_more=len(rows) == limit)
 
-    def _bind_ts(self, column: Column[Any], value: datetime) -> datetime:
-        """Bind an aware UTC datetime the way the column stores it."""
-        if getattr(column.type, "timezone", False):
+    def _query(self, after_cursor: bool) -> Select[Any]:
+        """The poll query, built once per shape (SQLAlchemy construction is the costly part)."""
+        cached = self._queries.get(after_cursor)
+        if cached is not None:
+            return cached
+        assert self._table is not None and self._engine is not None
+        cfg, t = self.config, self._table
+        key = t.c[cfg.key_column]
+        cols = [t.c[c] for c in cfg.columns] if cfg.columns else list(t.c)
+        for needed in (key, t.c[cfg.timestamp_column] if cfg.timestamp_column else None):
+            if needed is not None and needed not in cols:
+                cols.append(needed)
+        query = select(*cols)
+        last_key = bindparam("last_key", type_=key.type)
+        if cfg.mode == "timestamp_key":
+            ts = t.c[cfg.timestamp_column]  # type: ignore[index]
+            last_ts = bindparam("last_ts", type_=ts.type)
+            if after_cursor:
+                if self._engine.dialect.name == "sqlite":
+                    query = query.where(or_(ts > last_ts, and_(ts == last_ts, key > last_key)))
+                else:  # row-value comparison: uses a (ts, key) index
+                    query = query.where(tuple_(ts, key) > tuple_(last_ts, last_key))
+            if cfg.delay_seconds > 0:
+                query = query.where(ts < bindparam("upper", type_=ts.type))
+            query = query.order_by(ts, key)
+        else:
+            if after_cursor:
+                query = query.where(key > last_key)
+            query = query.order_by(key)
+        query = query.limit(bindparam("lim", type_=Integer))
+        self._queries[after_cursor] = query
+        return query
+
+    def _bind_ts(self, value: datetime) -> datetime:
+        """Bind an aware UTC datetime the way the timestamp column stores it."""
+        assert self._table is not None and self.config.timestamp_column
+        if getattr(self._table.c[self.config.timestamp_column].type, "timezone", False):
             return value
         return value.astimezone(self._zone).replace(tzinfo=None)
 

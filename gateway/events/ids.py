@@ -12,6 +12,8 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
+from gateway.events.timeutil import format_time
+
 __all__ = ["EVENT_NAMESPACE", "event_id", "canonical"]
 
 #: Fixed namespace of legacy-gateway event ids. Never change it: every id derives from it.
@@ -28,9 +30,7 @@ def canonical(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, datetime):
-        from gateway.events.timeutil import to_utc
-
-        return to_utc(value).isoformat(timespec="microseconds").replace("+00:00", "Z")
+        return format_time(value)
     if isinstance(value, date):
         return value.isoformat()
     if isinstance(value, Decimal):

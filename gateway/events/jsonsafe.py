@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-import json
+import orjson
 import uuid
 from collections.abc import Mapping
 from datetime import date, datetime, time
@@ -13,7 +13,7 @@ from typing import Any
 
 from gateway.events.timeutil import format_time
 
-__all__ = ["jsonable", "dumps", "loads"]
+__all__ = ["jsonable", "dumps", "dumps_text", "loads"]
 
 
 def jsonable(value: Any) -> Any:
@@ -47,14 +47,25 @@ def jsonable(value: Any) -> Any:
     raise TypeError(f"cannot convert {type(value).__name__} to JSON")
 
 
-_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-
-
 def dumps(value: Any) -> bytes:
-    """Compact UTF-8 JSON of already JSON-safe data."""
-    return _ENCODER.encode(value).encode("utf-8")
+    """Compact UTF-8 JSON of already JSON-safe data (orjson: about 10x the stdlib's speed).
+
+    Raises:
+        TypeError: ``value`` holds something JSON cannot represent (run it through
+            :func:`jsonable` first).
+    """
+    try:
+        # NON_STR_KEYS: drivers hand out str subclasses (e.g. SQLAlchemy's quoted_name) as keys.
+        return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+    except orjson.JSONEncodeError as exc:
+        raise TypeError(str(exc)) from None
+
+
+def dumps_text(value: Any) -> str:
+    """:func:`dumps` as ``str`` (SQLAlchemy's JSON columns want text)."""
+    return dumps(value).decode("utf-8")
 
 
 def loads(data: bytes | str) -> Any:
-    """Parse JSON text or bytes."""
-    return json.loads(data)
+    """Parse JSON text or bytes (``ValueError`` on bad input)."""
+    return orjson.loads(data)

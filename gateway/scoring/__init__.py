@@ -7,10 +7,11 @@ from collections.abc import Callable
 from gateway.config import ScoringSettings
 from gateway.errors import ConfigurationError
 from gateway.scoring.online import OnlineAnomalyScorer
-from gateway.scoring.protocols import Scorer, ScoreResult
+from gateway.scoring.protocols import LockedScorer, Scorer, ScoreResult
 from gateway.scoring.worker import ScoringWorker
 
 __all__ = [
+    "LockedScorer",
     "OnlineAnomalyScorer",
     "ScoreResult",
     "Scorer",

@@ -8,12 +8,13 @@ every event type (see the built-in model's docstring for how it achieves that).
 from __future__ import annotations
 
 from collections.abc import Sequence
+import threading
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from gateway.events import Event
 
-__all__ = ["ScoreResult", "Scorer"]
+__all__ = ["ScoreResult", "Scorer", "LockedScorer"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,3 +48,23 @@ class Scorer(Protocol):
         Raising means the whole batch failed (the worker treats it as transient and retries).
         """
         ...
+
+
+class LockedScorer:
+    """Serialises ``score_batch`` so several workers can share one stateful model.
+
+    The built-in model learns from every batch; two workers scoring through one instance must not
+    interleave inside it. The lock is held only while the model runs, never while a worker waits
+    for the store or the broker, which is what lets workers overlap those waits.
+    """
+
+    def __init__(self, inner: Scorer) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.version = inner.version
+        self._lock = threading.Lock()
+
+    def score_batch(self, events: Sequence[Event]) -> list[ScoreResult]:
+        """Score under the lock."""
+        with self._lock:
+            return self.inner.score_batch(events)

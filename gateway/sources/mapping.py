@@ -16,6 +16,8 @@ from gateway.events.timeutil import parse_time
 
 __all__ = ["Mapper"]
 
+_PLAIN = frozenset({str, int, bool, type(None)})
+
 
 class Mapper:
     """Turns records of one source into CloudEvents.
@@ -69,7 +71,12 @@ class Mapper:
         version = self._field(data_in, m.version) if m.version else None
         time = self._time(data_in) if m.time else utcnow()
         names = m.data if m.data is not None else list(data_in)
-        data = {m.rename.get(n, n): jsonable(self._field(data_in, n)) for n in names}
+        rename = m.rename
+        data = {}
+        for n in names:
+            v = data_in[n] if n in data_in else self._field(data_in, n)
+            # Most legacy values are already JSON-safe; skip the converter for them (hot path).
+            data[rename.get(n, n)] = v if type(v) in _PLAIN else jsonable(v)
         if record.deleted:
             data["_deleted"] = True
         subject = None

@@ -17,7 +17,7 @@ from typing import Any
 
 from adapters.base import Batch, PollingSource
 from gateway.config import SourceSettings
-from gateway.errors import ContractError, FencingError, GatewayError, PermanentError, TransientError
+from gateway.errors import ContractError, FencingError, GatewayError
 from gateway.events import Event, jsonable, utcnow
 from gateway.events.jsonsafe import dumps
 from gateway.plugins import load_adapter
@@ -166,9 +166,12 @@ class SourceRunner:
                 self.status.state, self.status.last_error = "fenced", str(exc)
                 log.error("%s; this runner stops", exc)
                 break
-            except (TransientError, PermanentError, GatewayError) as exc:
-                self.status.state, self.status.last_error = "backoff", str(exc)
-                log.error("source %r: %s: %s (next try in %.0fs)", self.settings.name, type(exc).__name__, exc, backoff)
+            except Exception as exc:  # noqa: BLE001 -- a runner must never die silently
+                self.status.state, self.status.last_error = "backoff", f"{type(exc).__name__}: {exc}"
+                if isinstance(exc, GatewayError):
+                    log.error("source %r: %s: %s (next try in %.0fs)", self.settings.name, type(exc).__name__, exc, backoff)
+                else:
+                    log.exception("source %r: unexpected error (next try in %.0fs)", self.settings.name, backoff)
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 60.0)
         self.adapter.close()

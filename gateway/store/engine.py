@@ -8,6 +8,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
 from gateway.config import StoreSettings
+from gateway.events.jsonsafe import dumps_text, loads
 
 __all__ = ["engine_from_settings", "make_engine"]
 
@@ -19,7 +20,7 @@ def make_engine(url: str, *, pool_size: int = 5, echo: bool = False) -> Engine:
     server databases get pre-ping so a restarted database does not fail the next transaction.
     """
     u = make_url(url)
-    kwargs: dict[str, Any] = {"echo": echo}
+    kwargs: dict[str, Any] = {"echo": echo, "json_serializer": dumps_text, "json_deserializer": loads}
     if u.get_backend_name() == "sqlite":
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         engine = create_engine(u, **kwargs)
