@@ -2,7 +2,7 @@
 
 An adapter turns a legacy system into **records** with **positions**, and reports a **cursor**
 after each batch. The gateway does the rest: mapping records to CloudEvents, deterministic ids,
-storing the events and the cursor in one transaction, retries, breakers and scheduling.
+storing the events and the cursor in one transaction, retries and scheduling.
 
 A minimal polling adapter::
 
@@ -23,7 +23,7 @@ Register it in your ``pyproject.toml``::
     [project.entry-points."gateway.adapters"]
     drop-folder = "my_package:DropFolderSource"
 
-The contract every adapter keeps (the standard suite in ``adapters.testing`` checks it):
+The contract every adapter keeps (a standard test suite for it is planned in ``adapters.testing``):
 
 * ``fetch(cursor, limit)`` is a pure function of the source's committed state and ``cursor``:
   calling it twice with the same cursor returns the same records (until the source changes).
@@ -124,7 +124,7 @@ class PollingSource(abc.ABC, Generic[ConfigT]):
         source_name: the configured source name (for messages and lineage).
     """
 
-    #: Adapter kind, shown in lineage (``sourceadapter``) and ``gateway plugins list``.
+    #: Adapter kind, shown in lineage (``sourceadapter``) and ``gateway sources list``.
     kind: ClassVar[str] = "polling"
     #: The pydantic model of this adapter's ``config:`` block.
     config_model: ClassVar[type[SourceConfig]] = SourceConfig
@@ -149,7 +149,7 @@ class PollingSource(abc.ABC, Generic[ConfigT]):
         """Release connections. Override when :meth:`open` acquired any. Must be idempotent."""
 
     def check(self) -> None:
-        """Connectivity check for ``gateway check --connect`` and ``sources test``.
+        """Connectivity check for ``gateway check --connect``.
 
         The default opens the adapter; override for a cheaper probe.
         """

@@ -70,7 +70,7 @@ def validate_sources(settings: Settings, where: str, connect: bool = False) -> l
             cfg = cls.parse_config(src.config)
         except ValidationError as exc:
             errors.extend(
-                line.replace(f"{where}: ", f"{where}: sources[{i}].config.", 1)
+                line.replace(f"{where}: ", f"{where}: sources[{i}].config.", 1).replace(".config.<root>", ".config")
                 for line in format_validation_error(exc, where).splitlines()
             )
             continue
@@ -151,9 +151,9 @@ def _run_roles(settings: Settings, roles: list[str]) -> None:
     gw = Gateway(settings, roles=roles)
     try:
         gw.start()
-    except ConfigurationError as exc:
+    except GatewayError as exc:
         gw.stop()
-        _fail(str(exc))
+        _fail(str(exc), 2 if isinstance(exc, ConfigurationError) else 1)
     log.info("gateway running roles: %s", ", ".join(roles))
     stop.wait()
     log.info("stopping: finishing in-flight work")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -212,7 +212,9 @@ class Settings(BaseSettings):
     )
 
     profile: Literal["dev", "test", "prod"] = Field(
-        "dev", description="dev/test relax transport-security checks; prod enforces them."
+        "dev",
+        description="prod refuses the 'guest' broker user and plaintext amqp:// to non-loopback hosts; "
+        "dev and test allow both.",
     )
     store: StoreSettings = Field(default_factory=StoreSettings, description="Gateway store.")
     bus: BusSettings = Field(default_factory=BusSettings, description="Message bus.")
@@ -230,6 +232,23 @@ class Settings(BaseSettings):
                 raise ValueError(f"duplicate source name {src.name!r}")
             seen.add(src.name)
         return value
+
+    @model_validator(mode="after")
+    def _prod_transport_security(self) -> Settings:
+        """Outside dev/test: no ``guest`` broker user, no plaintext AMQP to another host (SEC-05)."""
+        if self.profile != "prod" or self.bus.url is None:
+            return self
+        from urllib.parse import urlsplit
+
+        url = urlsplit(self.bus.url.get_secret_value())
+        if (url.username or "guest") == "guest":
+            raise ValueError("bus.url: profile prod refuses the 'guest' broker user; create a user for the gateway")
+        loopback = (url.hostname or "localhost") in ("localhost", "::1") or (url.hostname or "").startswith("127.")
+        if url.scheme == "amqp" and not loopback:
+            raise ValueError(
+                f"bus.url: profile prod refuses plaintext amqp:// to {url.hostname}; use amqps:// (TLS)"
+            )
+        return self
 
     @classmethod
     def settings_customise_sources(

@@ -31,8 +31,9 @@ log = logging.getLogger("gateway.relay")
 
 @dataclass
 class RelayStats:
-    """Counters of one relay (exported as metrics)."""
+    """Counters of one relay (for status displays and metrics)."""
 
+    errors: int = 0
     published: int = 0
     failed: int = 0
     returned: int = 0
@@ -133,23 +134,37 @@ class Relay:
         return len(job[0])
 
     def run(self, stop: threading.Event) -> None:
-        """Relay until ``stop`` is set, keeping up to ``in_flight_batches`` batches on the wire."""
+        """Relay until ``stop`` is set, keeping up to ``in_flight_batches`` batches on the wire.
+
+        A store or publisher failure never ends the loop: it is logged, the relay backs off
+        (doubling up to 30 s), and claimed rows not yet settled are released by their claim
+        lease expiring -- nothing is marked published without a broker ack.
+        """
         inflight: deque[tuple[list[OutboxRow], Future[list[Outcome]]]] = deque()
         # Idle polls back off from 5 ms to ``idle_wait``: an empty outbox costs little CPU, and an
         # in-process ``wake()`` (after every commit) cuts the wait short anyway.
         floor = min(0.005, self.settings.idle_wait)
         idle = floor
+        failure_wait = 0.5
         try:
             while not stop.is_set():
-                self._wake.clear()
-                while len(inflight) < self.settings.in_flight_batches:
-                    job = self._claim_and_publish()
-                    if job is None:
-                        break
-                    inflight.append(job)
-                if inflight:
-                    self._settle(*inflight.popleft())
-                    idle = floor
+                try:
+                    self._wake.clear()
+                    while len(inflight) < self.settings.in_flight_batches:
+                        job = self._claim_and_publish()
+                        if job is None:
+                            break
+                        inflight.append(job)
+                    if inflight:
+                        self._settle(*inflight[0])
+                        inflight.popleft()
+                        idle, failure_wait = floor, 0.5
+                        continue
+                except Exception as exc:  # noqa: BLE001 -- the relay must outlive outages
+                    log.error("relay: %s: %s (retrying in %.1fs)", type(exc).__name__, exc, failure_wait)
+                    self.stats.errors += 1
+                    stop.wait(failure_wait)
+                    failure_wait = min(failure_wait * 2, 30.0)
                     continue
                 if self._wake.wait(idle):
                     idle = floor
@@ -158,4 +173,7 @@ class Relay:
         finally:
             # Settle what is on the wire; confirms that never come leave rows pending.
             while inflight:
-                self._settle(*inflight.popleft())
+                try:
+                    self._settle(*inflight.popleft())
+                except Exception as exc:  # noqa: BLE001 -- rows stay pending; their claim expires
+                    log.error("relay: settling on stop failed: %s: %s", type(exc).__name__, exc)

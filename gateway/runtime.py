@@ -15,6 +15,7 @@ from typing import Any
 from gateway.bus import Bus, Topology, bus_from_settings
 from gateway.config import Settings
 from gateway.relay import Relay
+from gateway.resilience import RetryPolicy, retrying
 from gateway.sources.runner import SourceRunner
 from gateway.store import EventStore, engine_from_settings
 from gateway.store.migrate import upgrade
@@ -70,8 +71,15 @@ class Gateway:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        """Declare the topology and start every role in its own thread(s)."""
-        self.bus.declare_topology()
+        """Declare the topology and start every role in its own thread(s).
+
+        An unreachable broker or store is retried for up to a minute (compose starts services in
+        any order); a topology mismatch fails at once.
+        """
+        for attempt in retrying(RetryPolicy(attempts=12, base_delay=0.5, max_delay=10.0, deadline=60.0), logger=log):
+            with attempt:
+                self.store.ping()
+                self.bus.declare_topology()
         if "relay" in self.roles:
             publisher = self.bus.publisher()
             self.relay = Relay(

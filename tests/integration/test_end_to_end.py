@@ -41,9 +41,13 @@ class ScoredSink:
                 self.conn.sleep(0.05)
                 continue
             self.routing_keys[method.routing_key] += 1
-            self.bodies.append(json.loads(body))
-            if len(self.bodies) % 97 == 0:
-                JSONFormat().read(None, body)  # the official SDK parses what consumers get
+            obj = json.loads(body)
+            self.bodies.append(obj)
+            # The official SDK parses every scored event and every original event inside it.
+            scored = JSONFormat().read(None, body)
+            assert scored.get_type().endswith(".scored")
+            original = JSONFormat().read(None, json.dumps(obj["data"]["event"]).encode())
+            assert original.get_id() == scored.get_extension("originalid")
 
     def close(self) -> None:
         self.conn.close()

@@ -137,3 +137,24 @@ def test_check_connect_finds_missing_columns(tmp_path, monkeypatch) -> None:
 def test_check_missing_file(tmp_path) -> None:
     result = runner.invoke(app, ["check", "-c", str(tmp_path / "nope.yaml")])
     assert result.exit_code == 2 and "configuration file not found" in result.output
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("amqp://guest:pw@127.0.0.1:5672/%2F", "refuses the 'guest' broker user"),
+        ("amqp://rabbit.example.internal/%2F", "refuses the 'guest' broker user"),
+        ("amqp://gw:pw@rabbit.example.internal:5672/%2F", "refuses plaintext amqp:// to rabbit.example.internal"),
+    ],
+)
+def test_prod_profile_transport_rules(tmp_path, url, message) -> None:
+    p = _write(tmp_path, f"profile: prod\nbus:\n  url: {url}\n")
+    with pytest.raises(ConfigurationError, match=message) as err:
+        load_settings(p)
+    assert "pw" not in str(err.value)
+
+
+@pytest.mark.parametrize("url", ["amqps://gw:pw@rabbit.example.internal:5671/%2F", "amqp://gw:pw@127.0.0.1:5672/%2F"])
+def test_prod_profile_accepts_tls_or_loopback(tmp_path, url) -> None:
+    assert load_settings(_write(tmp_path, f"profile: prod\nbus:\n  url: {url}\n")).profile == "prod"
+    assert load_settings(_write(tmp_path, "profile: dev\nbus:\n  url: amqp://guest:guest@far.example/%2F\n")).profile == "dev"

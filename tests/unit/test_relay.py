@@ -124,3 +124,40 @@ def test_unroutable_stays_pending_until_a_queue_is_bound(sqlite_store: EventStor
     threading.Event().wait(0.01)
     relay.run_once()
     assert sqlite_store.stats()["published"] == 3
+
+
+def test_relay_outlives_store_outages(sqlite_store: EventStore) -> None:
+    from gateway.errors import StoreUnavailableError
+
+    class FlakyStore:
+        def __init__(self, inner: EventStore) -> None:
+            self.inner, self.failures = inner, 2
+
+        def claim_pending(self, *a, **kw):  # type: ignore[no-untyped-def]
+            if self.failures:
+                self.failures -= 1
+                raise StoreUnavailableError("claim_pending failed: OperationalError")
+            return self.inner.claim_pending(*a, **kw)
+
+        def __getattr__(self, name):  # type: ignore[no-untyped-def]
+            return getattr(self.inner, name)
+
+    bus = InMemoryBus(TOPO)
+    bus.declare_topology()
+    sqlite_store.accept(_events(20), source_name="s")
+    flaky = FlakyStore(sqlite_store)
+    relay = Relay(flaky, bus.publisher(), TOPO, RelaySettings(idle_wait=0.01))  # type: ignore[arg-type]
+    stop = threading.Event()
+    t = threading.Thread(target=relay.run, args=(stop,))
+    t.start()
+    try:
+        for _ in range(400):
+            if sqlite_store.stats()["published"] == 20:
+                break
+            stop.wait(0.01)
+    finally:
+        stop.set()
+        t.join(5)
+    assert not t.is_alive()
+    assert relay.stats.errors == 2 and flaky.failures == 0
+    assert sqlite_store.stats()["published"] == 20
