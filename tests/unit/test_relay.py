@@ -46,6 +46,22 @@ class ScriptedPublisher:
 TOPO = Topology("t")
 
 
+def _run_until_published(relay: Relay, store: EventStore, n: int, polls: int = 400) -> threading.Thread:
+    """Run the relay in a thread until ``n`` rows are published (or ``polls`` run out); stop it."""
+    stop = threading.Event()
+    t = threading.Thread(target=relay.run, args=(stop,))
+    t.start()
+    try:
+        for _ in range(polls):
+            if store.stats()["published"] == n:
+                break
+            stop.wait(0.01)
+    finally:
+        stop.set()
+        t.join(5)
+    return t
+
+
 @pytest.mark.parametrize(
     "publisher",
     [
@@ -98,17 +114,7 @@ def test_relay_thread_delivers_and_unroutable_then_routable(sqlite_store: EventS
     bus.declare_topology()
     sqlite_store.accept(_events(50), source_name="s")
     relay = Relay(sqlite_store, bus.publisher(), TOPO, RelaySettings(batch_size=7, idle_wait=0.01))
-    stop = threading.Event()
-    t = threading.Thread(target=relay.run, args=(stop,))
-    t.start()
-    try:
-        for _ in range(200):
-            if sqlite_store.stats()["published"] == 50:
-                break
-            stop.wait(0.01)
-    finally:
-        stop.set()
-        t.join(5)
+    _run_until_published(relay, sqlite_store, 50)
     assert sqlite_store.stats()["published"] == 50
     assert bus.queue_depth(TOPO.scoring_queue) == 50
 
@@ -147,17 +153,7 @@ def test_relay_outlives_store_outages(sqlite_store: EventStore) -> None:
     sqlite_store.accept(_events(20), source_name="s")
     flaky = FlakyStore(sqlite_store)
     relay = Relay(flaky, bus.publisher(), TOPO, RelaySettings(idle_wait=0.01))  # type: ignore[arg-type]
-    stop = threading.Event()
-    t = threading.Thread(target=relay.run, args=(stop,))
-    t.start()
-    try:
-        for _ in range(400):
-            if sqlite_store.stats()["published"] == 20:
-                break
-            stop.wait(0.01)
-    finally:
-        stop.set()
-        t.join(5)
+    t = _run_until_published(relay, sqlite_store, 20)
     assert not t.is_alive()
     assert relay.stats.errors == 2 and flaky.failures == 0
     assert sqlite_store.stats()["published"] == 20
