@@ -299,7 +299,7 @@ def gateway_full_speed(n: int, processes: bool = False) -> tuple[float, list[flo
     return got / elapsed, lat
 
 
-def gateway_paced(rate: int, seconds: float) -> list[float]:
+def gateway_paced(rate: int, seconds: float, processes: bool = False) -> list[float]:
     db_url, handle = fresh_database()
     engine = create_engine(db_url)
     load_rows(engine, 0)
@@ -307,8 +307,18 @@ def gateway_paced(rate: int, seconds: float) -> list[float]:
     sink = Sink(prefix)
     total = int(rate * seconds)
     sink.start(total, timeout=30)
-    gw = Gateway(settings_for(db_url, prefix, 0.01), roles=["sources", "relay", "scorer"])
-    gw.start()
+    settings = settings_for(db_url, prefix, 0.01)
+    if processes:
+        from gateway.store import make_engine
+        from gateway.store.migrate import upgrade
+
+        upgrade(make_engine(db_url))
+        gw: Any = RoleProcesses(settings, Path(tempfile.mkdtemp()))
+        gw.start()
+        time.sleep(3)  # let the role processes start before the clock runs
+    else:
+        gw = Gateway(settings, roles=["sources", "relay", "scorer"])
+        gw.start()
     stop = threading.Event()
 
     def writer() -> None:
@@ -357,6 +367,8 @@ def main() -> None:
     mp_rate, mp_lat = gateway_full_speed(args.events, processes=True)
     print("gateway paced ...", file=sys.stderr, flush=True)
     paced = gateway_paced(args.paced_rate, args.paced_seconds)
+    print("gateway paced, one process per role ...", file=sys.stderr, flush=True)
+    paced_mp = gateway_paced(args.paced_rate, args.paced_seconds, processes=True)
     ms = 1000.0
     print(f"\n## End-to-end benchmark ({args.events} events, {time.strftime('%Y-%m-%d %H:%M')})\n")
     print("| path | events/s | p50 ms | p99 ms |")
@@ -365,6 +377,7 @@ def main() -> None:
     print(f"| gateway: PG table -> outbox -> relay -> RabbitMQ -> scorer -> scored exchange | {gw_rate:,.0f} | {statistics.median(gw_lat) * ms:.1f} | {pct(gw_lat, 99) * ms:.1f} |")
     print(f"| same, one process per role (sources, relay, scorer) | {mp_rate:,.0f} | {statistics.median(mp_lat) * ms:.1f} | {pct(mp_lat, 99) * ms:.1f} |")
     print(f"| gateway paced at {args.paced_rate}/s, row commit -> scored event received | {len(paced) / args.paced_seconds:,.0f} | {statistics.median(paced) * ms:.1f} | {pct(paced, 99) * ms:.1f} |")
+    print(f"| same, one process per role | {len(paced_mp) / args.paced_seconds:,.0f} | {statistics.median(paced_mp) * ms:.1f} | {pct(paced_mp, 99) * ms:.1f} |")
     print(f"\nratio gateway / raw round trip (throughput): **{gw_rate / raw_rate:.2f}** in one process, "
           f"**{mp_rate / raw_rate:.2f}** with one process per role")
 

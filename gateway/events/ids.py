@@ -6,6 +6,7 @@ the same id; a changed record (new version) gives a new id. Every consumer de-du
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Sequence
 from datetime import date, datetime
@@ -14,7 +15,7 @@ from typing import Any
 
 from gateway.events.timeutil import format_time
 
-__all__ = ["EVENT_NAMESPACE", "event_id", "canonical"]
+__all__ = ["EVENT_NAMESPACE", "event_id", "canonical", "uuid5"]
 
 #: Fixed namespace of legacy-gateway event ids. Never change it: every id derives from it.
 EVENT_NAMESPACE = uuid.UUID("6f1b8a1e-4c1e-5d6b-9a47-1e6c0b9d2a10")
@@ -56,5 +57,16 @@ def event_id(source: str, entity: str, key: Any, version: Any) -> str:
     """
     if isinstance(key, Sequence) and not isinstance(key, (str, bytes)):
         key = tuple(key)
-    name = f"{source}|{entity}|{canonical(key)}|{canonical(version)}"
-    return str(uuid.uuid5(EVENT_NAMESPACE, name))
+    return uuid5(f"{source}|{entity}|{canonical(key)}|{canonical(version)}")
+
+
+_NS_BYTES = EVENT_NAMESPACE.bytes
+
+
+def uuid5(name: str) -> str:
+    """``str(uuid.uuid5(EVENT_NAMESPACE, name))``, without building UUID objects (hot path)."""
+    h = bytearray(hashlib.sha1(_NS_BYTES + name.encode("utf-8"), usedforsecurity=False).digest()[:16])
+    h[6] = (h[6] & 0x0F) | 0x50  # version 5
+    h[8] = (h[8] & 0x3F) | 0x80  # RFC 4122 variant
+    x = h.hex()
+    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"

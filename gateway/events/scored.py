@@ -8,11 +8,11 @@ routing key, so consumers bind with the type patterns they care about.
 
 from __future__ import annotations
 
-import uuid
+import orjson
 from datetime import datetime
 from typing import Any
 
-from gateway.events.ids import EVENT_NAMESPACE
+from gateway.events.ids import uuid5
 from gateway.events.model import EXT_TRACEPARENT, Event
 from gateway.events.timeutil import utcnow
 
@@ -23,7 +23,7 @@ SCORED_SUFFIX = ".scored"
 
 def scored_event_id(event_id: str, model_name: str, model_version: str) -> str:
     """Deterministic id of the scored event for one (event, model version)."""
-    return str(uuid.uuid5(EVENT_NAMESPACE, f"scored|{event_id}|{model_name}|{model_version}"))
+    return uuid5(f"scored|{event_id}|{model_name}|{model_version}")
 
 
 def scored_event(
@@ -35,6 +35,7 @@ def scored_event(
     explanation: dict[str, Any] | None = None,
     scored_at: datetime | None = None,
     source: str = "/legacy-gateway/scorer",
+    original_json: bytes | None = None,
 ) -> Event:
     """Build the scored CloudEvent for ``original``.
 
@@ -46,6 +47,9 @@ def scored_event(
         explanation: per-feature contributions, or ``None``.
         scored_at: when scoring happened (defaults to now, UTC).
         source: CloudEvents ``source`` of the scorer.
+        original_json: the original event's structured JSON as received, embedded verbatim
+            instead of re-encoding ``original`` (the scorer's hot path). The data then holds an
+            ``orjson.Fragment``: serialize the scored event with :meth:`Event.to_json`.
 
     Returns:
         The scored event, carrying lineage extensions and ``traceparent`` of the original.
@@ -65,7 +69,7 @@ def scored_event(
             "score": score,
             "model": {"name": model_name, "version": model_version},
             "explanation": explanation,
-            "event": original.to_dict(),
+            "event": orjson.Fragment(original_json) if original_json is not None else original.to_dict(),
         },
         extensions=ext,
     )

@@ -280,7 +280,7 @@ class ScoringWorker:
         if not ready:
             return True
         messages = []
-        for _, ev, res in ready:
+        for d, ev, res in ready:
             se = scored_event(
                 ev,
                 score=res.score,
@@ -288,6 +288,7 @@ class ScoringWorker:
                 model_version=self.scorer.version,
                 explanation=res.explanation,
                 scored_at=scored_at.get(ev.id, now),
+                original_json=d.body,
             )
             messages.append(Message(body=se.to_json(), routing_key=ev.type, message_id=se.id))
         try:

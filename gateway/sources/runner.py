@@ -23,7 +23,7 @@ from gateway.events.jsonsafe import dumps
 from gateway.plugins import load_adapter
 from gateway.resilience import RetryPolicy, retrying
 from gateway.sources.mapping import Mapper
-from gateway.store import EventStore
+from gateway.store import AcceptResult, EventStore
 
 __all__ = ["SourceRunner", "SourceStatus", "build_adapter"]
 
@@ -81,6 +81,7 @@ class SourceRunner:
         self._on_accept = on_accept
         self._retry = retry or RetryPolicy(attempts=6, base_delay=0.2, max_delay=5.0, deadline=30.0)
         self._sleep = sleep
+        self._retrying = retrying(self._retry, sleep=sleep, logger=log)  # reusable; runner is one thread
         self._epoch: int | None = None
         self._cursor: Any = None
 
@@ -124,23 +125,25 @@ class SourceRunner:
         if self._epoch is None:
             self.start()
         self.status.state = "polling"
-        for attempt in retrying(self._retry, sleep=self._sleep, logger=log):
+        for attempt in self._retrying:
             with attempt:
                 try:
                     batch = self.adapter.fetch(self._cursor, self.batch_size)
                 except Exception as exc:  # noqa: BLE001 -- classified below, in one place
                     raise self.adapter.classify_error(exc) from exc
         events, rejects = self.map_batch(batch)
-        for attempt in retrying(self._retry, sleep=self._sleep, logger=log):
-            with attempt:
-                result = self.store.accept(
-                    events,
-                    source_name=self.settings.name,
-                    cursor=batch.cursor,
-                    epoch=self._epoch,
-                    write_cursor=bool(batch.records),
-                    rejects=rejects,
-                )
+        result = AcceptResult(inserted=[], duplicates=[])
+        if batch.records:  # an empty poll writes nothing: no transaction at all
+            for attempt in self._retrying:
+                with attempt:
+                    result = self.store.accept(
+                        events,
+                        source_name=self.settings.name,
+                        cursor=batch.cursor,
+                        epoch=self._epoch,
+                        write_cursor=True,
+                        rejects=rejects,
+                    )
         self._cursor = batch.cursor
         st = self.status
         st.polls += 1

@@ -180,6 +180,10 @@ class EventStore:
         self._dialect = engine.dialect.name
         self._skip_locked = self._dialect in ("postgresql", "mysql", "mariadb")
         self._pg = self._dialect == "postgresql"
+        if self._pg:  # psycopg is only needed (and installed) for PostgreSQL stores
+            from gateway.store.pgcopy import copy_insert
+
+            self._copy_insert = copy_insert
         self._build_statements()
 
     def _build_statements(self) -> None:
@@ -288,6 +292,8 @@ class EventStore:
         statement per page, which psycopg re-parses every time (about 10x slower than its
         pipelined executemany).
         """
+        if self._pg:
+            return [str(i) for i in self._copy_insert(conn, events, rows, ["id"], "id")]
         existing: set[str] = set()
         for chunk in _chunks([r["id"] for r in rows], 1000):
             existing.update(conn.execute(self._q_event_exists, {"ids": list(chunk)}).scalars())
@@ -479,6 +485,9 @@ class EventStore:
         ]
         try:
             with self.engine.begin() as conn:
+                if self._pg:
+                    keys = ["event_id", "model_name", "model_version"]
+                    return len(self._copy_insert(conn, scores, rows, keys, "event_id"))
                 # One look-up per model version (the worker writes one per batch).
                 for name, version in {k[1:] for k in unique}:
                     existing = self._existing(

@@ -107,3 +107,20 @@ def test_jsonable_keeps_decimals_exact() -> None:
     assert jsonable(Decimal("0.1000000000000000055511151231257827")) == "0.1000000000000000055511151231257827"
     assert jsonable(float("nan")) is None
     assert jsonable(b"\x00\x01") == "AAE="
+
+
+@given(name=st.text(max_size=200))
+def test_fast_uuid5_equals_the_standard_library(name: str) -> None:
+    import uuid
+
+    from gateway.events.ids import EVENT_NAMESPACE, uuid5
+
+    assert uuid5(name) == str(uuid.uuid5(EVENT_NAMESPACE, name))
+
+
+def test_scored_event_embeds_the_original_bytes_verbatim() -> None:
+    ev = _event()
+    body = ev.to_json()
+    a = scored_event(ev, score=0.5, model_name="m", model_version="1", original_json=body)
+    b = scored_event(ev, score=0.5, model_name="m", model_version="1", scored_at=a.time)
+    assert json.loads(a.to_json()) == json.loads(b.to_json())

@@ -1,0 +1,85 @@
+"""Bulk insert for PostgreSQL: COPY into a temporary table, then one INSERT ... ON CONFLICT.
+
+psycopg's COPY encodes rows in C; the per-row cost of ``executemany`` (parameter construction,
+type processing, one protocol message per row) dominated the outbox and score writes in the
+profile (decision 0006). The final INSERT ... SELECT keeps the semantics of the portable path:
+existing keys are skipped (race-safe), rows keep the batch order, and RETURNING tells exactly which
+keys were new.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from sqlalchemy import JSON, Column, Connection, Integer, MetaData, Table, select
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.exc import DBAPIError
+
+from gateway.events.jsonsafe import dumps_text
+
+__all__ = ["copy_insert"]
+
+_META = MetaData()
+_STAGING: dict[str, Table] = {}
+
+
+def _staging(table: Table, columns: Sequence[str]) -> Table:
+    """A Table object describing the temp staging table for ``table`` (``_gw_in_<name>``)."""
+    key = table.name + ":" + ",".join(columns)
+    if key not in _STAGING:
+        _STAGING[key] = Table(
+            f"_gw_in_{table.name}",
+            _META,
+            Column("ord", Integer),
+            *[Column(c, table.c[c].type) for c in columns],
+            keep_existing=True,
+        )
+    return _STAGING[key]
+
+
+def _processor(column: Column[Any], conn: Connection) -> Any:
+    """Python value -> what COPY gets: JSON columns as JSON text, others through their type."""
+    if isinstance(column.type, JSON):
+        return lambda v: None if v is None else dumps_text(v)
+    return column.type.bind_processor(conn.dialect)
+
+
+def copy_insert(
+    conn: Connection, table: Table, rows: Sequence[dict[str, Any]], conflict: Sequence[str], returning: str
+) -> list[Any]:
+    """Insert ``rows`` into ``table`` skipping conflicts on ``conflict``; returns ``returning`` of new rows.
+
+    Must run inside the caller's transaction (the staging table empties on commit).
+    """
+    if not rows:
+        return []
+    columns = list(rows[0])
+    staging = _staging(table, columns)
+    raw = conn.connection.driver_connection
+    processors = [_processor(table.c[c], conn) for c in columns]
+    try:
+        with raw.cursor() as cur:
+            # Every time: a rolled-back transaction takes the CREATE with it.
+            cur.execute(
+                sql.SQL(
+                    "CREATE TEMP TABLE IF NOT EXISTS {} (ord integer, LIKE {} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+                ).format(sql.Identifier(staging.name), sql.Identifier(table.name))
+            )
+            copy_sql = sql.SQL("COPY {} ({}) FROM STDIN").format(
+                sql.Identifier(staging.name), sql.SQL(", ").join(map(sql.Identifier, ["ord", *columns]))
+            )
+            with cur.copy(copy_sql) as cp:
+                for i, row in enumerate(rows):
+                    cp.write_row([i, *(p(row[c]) if p else row[c] for c, p in zip(columns, processors))])
+    except psycopg.Error as exc:  # raw-cursor errors in SQLAlchemy's type, like every other store error
+        raise DBAPIError(f"COPY into {staging.name}", None, exc) from exc
+    stmt = (
+        postgresql.insert(table)
+        .from_select(columns, select(*[staging.c[c] for c in columns]).order_by(staging.c.ord))
+        .on_conflict_do_nothing(index_elements=list(conflict))
+        .returning(table.c[returning])
+    )
+    return list(conn.execute(stmt).scalars())
