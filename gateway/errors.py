@@ -21,6 +21,7 @@ __all__ = [
     "ConfigurationError",
     "ContractError",
     "BackpressureError",
+    "CircuitOpenError",
     "StoreUnavailableError",
     "FencingError",
     "NotConnectedError",
@@ -57,6 +58,29 @@ class BackpressureError(TransientError):
     def __init__(self, message: str, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class CircuitOpenError(TransientError):
+    """A circuit breaker refused the call without making it; the downstream is presumed down.
+
+    It is transient for the *caller's caller* (an HTTP client may come back after
+    :attr:`retry_after`), but must never be retried in-process: retry policies exclude it
+    explicitly, and breakers ignore it (it counts neither as failure nor as success).
+
+    Attributes:
+        breaker_name: name of the breaker that refused the call.
+        retry_after: seconds until the breaker lets trial calls through again (an estimate
+            when it is already half-open and its trial permits are taken).
+    """
+
+    def __init__(self, breaker_name: str, retry_after: float) -> None:
+        # args stay (breaker_name, retry_after) so the exception pickles and copies intact.
+        super().__init__(breaker_name, retry_after)
+        self.breaker_name = breaker_name
+        self.retry_after = retry_after
+
+    def __str__(self) -> str:
+        return f"circuit {self.breaker_name!r} is open; retry after {self.retry_after:.1f} s"
 
 
 class StoreUnavailableError(TransientError):

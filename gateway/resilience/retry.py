@@ -16,12 +16,13 @@ from tenacity import (
     Retrying,
     before_sleep_log,
     retry_if_exception_type,
+    retry_if_not_exception_type,
     stop_after_attempt,
     stop_after_delay,
     wait_random_exponential,
 )
 
-from gateway.errors import TransientError
+from gateway.errors import CircuitOpenError, TransientError
 
 __all__ = ["RetryPolicy", "retrying"]
 
@@ -48,7 +49,9 @@ class RetryPolicy:
 def retrying(policy: RetryPolicy, *, sleep: Callable[[float], None] = time.sleep, logger: logging.Logger = log) -> Retrying:
     """A tenacity ``Retrying`` for ``policy``; use as ``for attempt in retrying(p): with attempt: ...``."""
     return Retrying(
-        retry=retry_if_exception_type(TransientError),
+        # CircuitOpenError is a TransientError for callers further out (503 + Retry-After), but
+        # retrying it in-process would only hammer the breaker: exclude it explicitly (REL-12).
+        retry=retry_if_exception_type(TransientError) & retry_if_not_exception_type(CircuitOpenError),
         wait=wait_random_exponential(multiplier=policy.base_delay, max=policy.max_delay),
         stop=stop_after_attempt(policy.attempts) | stop_after_delay(policy.deadline),
         before_sleep=before_sleep_log(logger, logging.WARNING),
