@@ -1,0 +1,266 @@
+"""The SOAP adapter against the legacy SOAP simulator over real HTTP (no external services)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import Any
+from collections.abc import Iterator
+
+import pytest
+
+from adapters.soap import SoapFaultError, SoapSource
+from gateway.config import SourceSettings
+from gateway.errors import ConfigurationError, PermanentError, TransientError
+from gateway.resilience import RetryPolicy
+from gateway.sources.runner import SourceRunner
+from gateway.store import EventStore
+from tests.soapsim import WSDL_PATH, Order, SoapSimulator
+
+
+@pytest.fixture
+def sim() -> Iterator[SoapSimulator]:
+    before = set(threading.enumerate())
+    with SoapSimulator() as s:
+        yield s
+    leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+    assert not leaked, f"simulator leaked threads: {leaked}"
+
+
+def soap_config(sim: SoapSimulator, **over: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "wsdl": sim.wsdl_url,
+        "operation": "GetOrdersSince",
+        "arguments": {"since": "{cursor.time}", "pageToken": "{page_token}", "pageSize": "{page_size}"},
+        "records_path": "orders",
+        "next_page_token_path": "nextPageToken",
+        "key_field": "id",
+        "time_field": "updatedAt",
+        "page_size": 10,
+        "timeouts": {"connect": 2, "read": 5, "operation": 5},
+    }
+    cfg.update(over)
+    return cfg
+
+
+def settings(cfg: dict[str, Any]) -> SourceSettings:
+    return SourceSettings.model_validate(
+        {
+            "name": "legacy-orders",
+            "adapter": "soap",  # not registered in this session: the adapter is passed explicitly
+            "config": cfg,
+            "mapping": {
+                "type": "com.acme.order.changed",
+                "entity": "order",
+                "key": ["id"],
+                "version": "updatedAt",
+                "time": "updatedAt",
+                "subject": "order/{id}",
+            },
+        }
+    )
+
+
+def make_runner(store: EventStore, cfg: dict[str, Any], **kw: Any) -> SourceRunner:
+    s = settings(cfg)
+    adapter = SoapSource(SoapSource.parse_config(s.config), source_name=s.name)  # type: ignore[arg-type]
+    return SourceRunner(s, store, adapter=adapter, sleep=lambda _: None, **kw)
+
+
+def drain(runner: SourceRunner, most: int = 1000) -> int:
+    for polls in range(1, most + 1):
+        if not runner.run_once().has_more:
+            return polls
+    raise AssertionError("source never ran dry")
+
+
+def test_500_records_over_50_pages_become_500_events(sqlite_store: EventStore, sim: SoapSimulator) -> None:
+    sim.add_orders(500)
+    r = make_runner(sqlite_store, soap_config(sim))
+    assert drain(r) == 50
+    assert sim.calls == 50
+    assert sqlite_store.stats()["events"] == 500
+    assert r.status.events_accepted == 500 and r.status.duplicates == 0
+    cursor = sqlite_store.get_cursor("legacy-orders").cursor  # type: ignore[union-attr]
+    assert cursor == {"time": "2024-01-01T12:08:20.000000Z", "key": 500}
+    # Polling again: the inclusive "since" returns the last record; the adapter filters it out.
+    drain(r)
+    assert sqlite_store.stats()["events"] == 500 and r.status.duplicates == 0
+    r.adapter.close()
+
+
+def test_updated_record_becomes_exactly_one_new_event(sqlite_store: EventStore, sim: SoapSimulator) -> None:
+    sim.add_orders(25)
+    r = make_runner(sqlite_store, soap_config(sim))
+    drain(r)
+    sim.update(7, status="SHIPPED")
+    drain(r)
+    assert sqlite_store.stats()["events"] == 26
+    assert r.status.events_accepted == 26 and r.status.duplicates == 0
+    drain(r)
+    assert sqlite_store.stats()["events"] == 26
+    r.adapter.close()
+
+
+def test_restart_in_the_middle_of_paging_loses_and_repeats_nothing(sqlite_store: EventStore, sim: SoapSimulator) -> None:
+    sim.add_orders(95)
+    cfg = soap_config(sim)
+    first = make_runner(sqlite_store, cfg)
+    for _ in range(4):
+        assert first.run_once().has_more
+    cursor = sqlite_store.get_cursor("legacy-orders").cursor  # type: ignore[union-attr]
+    assert cursor["page_token"] and cursor["key"] == 40
+    first.adapter.close()  # "crash": the runner is gone, the committed cursor stays
+    sim.update(3, status="CANCELLED")  # updated behind the scan: comes once more at the end
+    second = make_runner(sqlite_store, cfg)
+    drain(second)
+    assert second.status.duplicates == 0
+    assert second.status.events_accepted == 56
+    assert sqlite_store.stats()["events"] == 96
+    second.adapter.close()
+
+
+def test_soap_12_binding_and_vendored_wsdl_file(sqlite_store: EventStore, sim: SoapSimulator) -> None:
+    sim.add_orders(12)
+    cfg = soap_config(sim, wsdl=str(WSDL_PATH), endpoint=sim.endpoint, port="LegacyOrdersSoap12Port")
+    r = make_runner(sqlite_store, cfg)
+    drain(r)
+    assert sqlite_store.stats()["events"] == 12
+    transport = r.adapter.transport  # type: ignore[attr-defined]
+    assert [p.rsplit("/", 1)[-1] for p in transport.loads] == ["legacy_orders.wsdl", "legacy_orders.xsd"]
+    assert transport.refused == []
+    r.adapter.close()
+
+
+def test_basic_auth(sqlite_store: EventStore, sim: SoapSimulator) -> None:
+    sim.add_orders(3)
+    sim.require_auth("gateway", "s3cret-pw")
+    ok = make_runner(sqlite_store, soap_config(sim, auth={"type": "basic", "username": "gateway", "password": "s3cret-pw"}))
+    drain(ok)
+    assert sqlite_store.stats()["events"] == 3
+    ok.adapter.close()
+    # Wrong password: a ConfigurationError (not retried, not dead-lettered), password not shown.
+    bad_cfg = soap_config(sim, auth={"type": "basic", "username": "gateway", "password": "wrong-pw-123"})
+    bad = SoapSource(SoapSource.parse_config(bad_cfg), source_name="legacy-orders")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="rejected the credentials") as ei:
+        bad.open()
+    assert "wrong-pw-123" not in str(ei.value)
+    # Credentials revoked after start: fetch fails the same way.
+    sim.require_auth(None)
+    bad.open()
+    sim.require_auth("gateway", "another")
+    with pytest.raises(ConfigurationError, match=r"HTTP 401"):
+        bad.fetch(None, 10)
+    bad.close()
+
+
+@pytest.mark.parametrize("kind", ["http503", "soap_server"])
+def test_transient_faults_are_retried_and_recover(sqlite_store: EventStore, sim: SoapSimulator, kind: str) -> None:
+    sim.add_orders(5)
+    r = make_runner(sqlite_store, soap_config(sim), retry=RetryPolicy(attempts=5, base_delay=0.01, max_delay=0.01))
+    r.start()
+    sim.fail_next(3, kind)
+    calls_before = sim.calls
+    drain(r)
+    assert sim.calls - calls_before == 4  # three faults, then the answer
+    assert sqlite_store.stats()["events"] == 5
+    assert isinstance(r.adapter.classify_error(_raised(r.adapter, sim, kind)), TransientError)
+    r.adapter.close()
+
+
+def _raised(adapter: Any, sim: SoapSimulator, kind: str) -> BaseException:
+    sim.fail_next(1, kind)
+    try:
+        adapter.fetch(None, 10)
+    except BaseException as exc:  # noqa: BLE001
+        return exc
+    raise AssertionError("no fault")
+
+
+def test_business_fault_is_permanent_with_code_and_not_retried(sqlite_store: EventStore, sim: SoapSimulator) -> None:
+    sim.add_orders(5)
+    sim.business_fault("ORD-042", "since is before the archive horizon")
+    r = make_runner(sqlite_store, soap_config(sim))
+    r.start()
+    calls_before = sim.calls
+    with pytest.raises(SoapFaultError) as ei:
+        r.run_once()
+    assert sim.calls - calls_before == 1  # never retried
+    err = ei.value
+    assert isinstance(err, PermanentError)
+    assert err.detail_code == "ORD-042" and err.fault_code is not None and err.fault_code.endswith("Client")
+    assert "ORD-042" in str(err) and "archive horizon" in str(err)
+    assert sqlite_store.get_cursor("legacy-orders") is None or sqlite_store.get_cursor("legacy-orders").cursor is None  # type: ignore[union-attr]
+    r.adapter.close()
+
+
+@pytest.mark.parametrize("mode", ["hang", "delay"])
+def test_hung_endpoint_is_bounded_by_the_operation_timeout(sim: SoapSimulator, mode: str) -> None:
+    sim.add_orders(3)
+    cfg = soap_config(sim, timeouts={"connect": 1, "read": 30, "operation": 1.0})
+    src = SoapSource(SoapSource.parse_config(cfg), source_name="legacy-orders")  # type: ignore[arg-type]
+    src.open()  # the WSDL loads normally
+    if mode == "hang":
+        sim.hang = True
+    else:
+        sim.delay = 5.0
+    t0 = time.monotonic()
+    with pytest.raises(Exception) as ei:
+        src.fetch(None, 10)
+    elapsed = time.monotonic() - t0
+    assert elapsed < 1.0 + 1.0, elapsed
+    assert isinstance(src.classify_error(ei.value), TransientError)
+    src.close()
+
+
+def test_conversion_decimals_datetimes_nil_enum_attribute_nested(sim: SoapSimulator) -> None:
+    sim.upsert(
+        Order(
+            id=1, customer="Müller & Söhne <GmbH>", amount=Decimal("12345678901234567.8901"), status="CANCELLED",
+            updated_at=datetime(2024, 2, 29, 23, 59, 59, 123456, tzinfo=timezone.utc),
+            note=None, note_present=True, currency="CHF", lines=(("A-1", 2), ("B-2", 1)),
+        )
+    )
+    sim.upsert(Order(id=2, customer="x", amount=Decimal("0.10"), updated_at=datetime(2024, 3, 1, tzinfo=timezone.utc),
+                     note="fragile", currency=None))
+    src = SoapSource(SoapSource.parse_config(soap_config(sim)), source_name="legacy-orders")  # type: ignore[arg-type]
+    batch = src.fetch(None, 100)
+    first, second = (dict(r.data) for r in batch.records)
+    assert first == {
+        "id": 1,
+        "customer": "Müller & Söhne <GmbH>",
+        "amount": "12345678901234567.8901",
+        "status": "CANCELLED",
+        "updatedAt": "2024-02-29T23:59:59.123456Z",
+        "note": None,
+        "lines": [{"sku": "A-1", "qty": 2}, {"sku": "B-2", "qty": 1}],
+        "currency": "CHF",
+    }
+    assert second["amount"] == "0.10" and second["note"] == "fragile" and second["currency"] is None
+    assert second["updatedAt"] == "2024-03-01T00:00:00.000000Z"
+    assert batch.cursor == {"time": "2024-03-01T00:00:00.000000Z", "key": 2} and not batch.has_more
+    assert not batch.records[0].lenient
+    src.close()
+
+
+def test_config_validation() -> None:
+    base = {"wsdl": "x.wsdl", "operation": "Op", "records_path": "r", "key_field": "id", "time_field": "t"}
+    with pytest.raises(Exception, match="unknown placeholder"):
+        SoapSource.parse_config({**base, "arguments": {"since": "{__import__('os')}"}})
+    with pytest.raises(Exception, match="needs username and password"):
+        SoapSource.parse_config({**base, "auth": {"type": "basic"}})
+    with pytest.raises(Exception):
+        SoapSource.parse_config({**base, "timeouts": {"operation": None}})
+    cfg = SoapSource.parse_config(base)
+    assert cfg.timeouts.operation == 60.0  # type: ignore[attr-defined]
+    src = SoapSource(cfg, source_name="s")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="no such file"):
+        src.open()
+
+
+def test_unknown_operation_is_a_configuration_error(sim: SoapSimulator) -> None:
+    src = SoapSource(SoapSource.parse_config(soap_config(sim, operation="DropTables")), source_name="s")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="no operation 'DropTables'.*GetOrdersSince"):
+        src.open()
