@@ -127,22 +127,24 @@ def sqlite_url(tmp_path) -> str:  # type: ignore[no-untyped-def]
     return f"sqlite:///{tmp_path / 'gateway.db'}"
 
 
-@pytest.fixture
-def sqlite_store(sqlite_url: str) -> Iterator[EventStore]:
-    """A migrated SQLite gateway store."""
-    engine = make_engine(sqlite_url)
+def _migrated_store(url: str) -> Iterator[EventStore]:
+    """A gateway store at ``url``, migrated to head; disposed afterwards."""
+    engine = make_engine(url)
     upgrade(engine)
     yield EventStore(engine)
     engine.dispose()
+
+
+@pytest.fixture
+def sqlite_store(sqlite_url: str) -> Iterator[EventStore]:
+    """A migrated SQLite gateway store."""
+    yield from _migrated_store(sqlite_url)
 
 
 @pytest.fixture
 def pg_store(pg_db_url: str) -> Iterator[EventStore]:
     """A migrated PostgreSQL gateway store in a fresh database."""
-    engine = make_engine(pg_db_url)
-    upgrade(engine)
-    yield EventStore(engine)
-    engine.dispose()
+    yield from _migrated_store(pg_db_url)
 
 
 @pytest.fixture
@@ -175,10 +177,7 @@ def any_store(request) -> Iterator[EventStore]:  # type: ignore[no-untyped-def]
         url = request.getfixturevalue("pg_db_url")
     else:
         url = request.getfixturevalue("mariadb_db_url")
-    engine = make_engine(url)
-    upgrade(engine)
-    yield EventStore(engine)
-    engine.dispose()
+    yield from _migrated_store(url)
 
 
 @pytest.fixture(
