@@ -142,6 +142,60 @@ def sources_list(config: ConfigOpt = None) -> None:
     engine.dispose()
 
 
+@sources_app.command("test")
+def sources_test(
+    name: Annotated[str, typer.Argument(help="Source name from the configuration.")],
+    config: ConfigOpt = None,
+    limit: Annotated[int, typer.Option(help="Records to read.")] = 5,
+    from_start: Annotated[bool, typer.Option(help="Ignore the committed cursor.")] = False,
+) -> None:
+    """Dry run: connect, read once from the committed cursor, print the mapped events; commit nothing."""
+    from gateway.events.jsonsafe import dumps
+    from gateway.sources.mapping import Mapper
+    from gateway.sources.runner import build_adapter
+    from gateway.store import EventStore, engine_from_settings
+
+    settings = _settings(config)
+    try:
+        src = settings.source(name)
+        adapter = build_adapter(src)
+    except (ConfigurationError, ValidationError) as exc:
+        _fail(str(exc))
+        raise
+    cursor = None
+    if not from_start:
+        engine = engine_from_settings(settings.store)
+        try:
+            state = EventStore(engine).get_cursor(name)
+            cursor = state.cursor if state else None
+        except GatewayError:
+            typer.echo("note: the store has no cursor table yet; reading from the start", err=True)
+        finally:
+            engine.dispose()
+    if cursor is None:
+        cursor = adapter.initial_cursor()
+    mapper = Mapper(src.mapping, src.name, adapter.kind)
+    try:
+        adapter.open()
+        batch = adapter.fetch(cursor, limit)
+    except Exception as exc:  # noqa: BLE001 -- shown to the operator, classified like the runner does
+        err = adapter.classify_error(exc)
+        _fail(f"source {name!r}: {type(err).__name__}: {err}", 1)
+        raise
+    finally:
+        adapter.close()
+    for rec in batch.records:
+        try:
+            typer.echo(dumps(mapper.to_event(rec).to_dict()).decode())
+        except GatewayError as exc:
+            typer.echo(f"rejected (would go to dead letters): {exc}")
+    typer.echo(
+        f"-- {len(batch.records)} record(s) read from cursor {cursor!r}; the cursor would advance to "
+        f"{batch.cursor!r}{' (more waiting)' if batch.has_more else ''}. Dry run: nothing was committed.",
+        err=True,
+    )
+
+
 def _run_roles(settings: Settings, roles: list[str]) -> None:
     from gateway.runtime import Gateway
 

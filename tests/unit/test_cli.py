@@ -78,3 +78,28 @@ def test_worker_role_needs_rabbitmq(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "need RabbitMQ" in result.output
     result = runner.invoke(app, ["worker", "--role", "nope"])
     assert result.exit_code == 2 and "expected one of sources, relay, scorer" in result.output
+
+
+def test_sources_test_is_a_dry_run(tmp_path: Path) -> None:
+    import json
+
+    import yaml
+
+    legacy = f"sqlite:///{tmp_path / 'legacy.db'}"
+    make_orders(legacy, 8).dispose()
+    cfg = tmp_path / "g.yaml"
+    cfg.write_text(yaml.safe_dump({"store": {"url": f"sqlite:///{tmp_path / 'g.db'}"}, "sources": [source_settings(legacy)]}))
+    result = runner.invoke(app, ["sources", "test", "orders", "-c", str(cfg), "--limit", "3"])
+    assert result.exit_code == 0, result.output
+    events = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [e["subject"] for e in events] == ["order/1", "order/2", "order/3"]
+    assert "Dry run: nothing was committed" in result.output and "(more waiting)" in result.output
+    from gateway.store import EventStore, make_engine
+    from gateway.store.migrate import upgrade
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'g.db'}")
+    upgrade(engine)
+    store = EventStore(engine)
+    assert store.stats()["events"] == 0 and store.get_cursor("orders") is None
+    bad = runner.invoke(app, ["sources", "test", "nope", "-c", str(cfg)])
+    assert bad.exit_code == 2 and "unknown source 'nope' (known: orders)" in bad.output
