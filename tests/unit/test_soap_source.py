@@ -76,18 +76,18 @@ def drain(runner: SourceRunner, most: int = 1000) -> int:
     raise AssertionError("source never ran dry")
 
 
-def test_500_records_over_50_pages_become_500_events(sqlite_store: EventStore, sim: SoapSimulator) -> None:
-    sim.add_orders(500)
-    r = make_runner(sqlite_store, soap_config(sim))
+def test_5000_records_over_50_pages_become_5000_events(sqlite_store: EventStore, sim: SoapSimulator) -> None:
+    sim.add_orders(5000)
+    r = make_runner(sqlite_store, soap_config(sim, page_size=100))
     assert drain(r) == 50
     assert sim.calls == 50
-    assert sqlite_store.stats()["events"] == 500
-    assert r.status.events_accepted == 500 and r.status.duplicates == 0
+    assert sqlite_store.stats()["events"] == 5000
+    assert r.status.events_accepted == 5000 and r.status.duplicates == 0
     cursor = sqlite_store.get_cursor("legacy-orders").cursor  # type: ignore[union-attr]
-    assert cursor == {"time": "2024-01-01T12:08:20.000000Z", "key": 500}
+    assert cursor == {"time": "2024-01-01T13:23:20.000000Z", "key": 5000}
     # Polling again: the inclusive "since" returns the last record; the adapter filters it out.
     drain(r)
-    assert sqlite_store.stats()["events"] == 500 and r.status.duplicates == 0
+    assert sqlite_store.stats()["events"] == 5000 and r.status.duplicates == 0
     r.adapter.close()
 
 
