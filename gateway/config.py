@@ -22,6 +22,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from gateway.errors import ConfigurationError
+from gateway.resilience.breaker import BreakerPolicy
 
 __all__ = [
     "Settings",
@@ -32,6 +33,7 @@ __all__ = [
     "ApiSettings",
     "SourceSettings",
     "MappingSettings",
+    "BreakerSettings",
     "load_settings",
     "format_validation_error",
     "interpolate",
@@ -178,6 +180,59 @@ class MappingSettings(_Section):
         return value
 
 
+_BREAKER_DEFAULTS = BreakerPolicy()
+
+
+class BreakerSettings(_Section):
+    """The circuit breaker guarding one source's adapter (pauses the source while open)."""
+
+    window_size: int = Field(
+        _BREAKER_DEFAULTS.window_size, ge=1, le=10_000,
+        description="Number of most recent polls (fetch attempts) the failure and slow-call rates are "
+        "computed over.",
+    )
+    minimum_calls: int = Field(
+        _BREAKER_DEFAULTS.minimum_calls, ge=1, le=10_000,
+        description="Fetch attempts that must be recorded before the rates are evaluated "
+        "(capped at window_size).",
+    )
+    failure_rate_threshold: float = Field(
+        _BREAKER_DEFAULTS.failure_rate_threshold, gt=0, le=100,
+        description="Percent of failed fetch attempts (transient errors: connection loss, timeouts) at or "
+        "above which the breaker opens. Permanent errors (business answers) count as successes.",
+    )
+    slow_call_duration: float = Field(
+        60.0, gt=0,
+        description="Seconds above which a fetch counts as slow; the breaker also opens when every "
+        "recorded fetch was slow. Legacy sources can be slow and healthy, hence a generous default; "
+        ".inf switches slow-call accounting off.",
+    )
+    wait_in_open: float = Field(
+        _BREAKER_DEFAULTS.wait_in_open, ge=0, le=86400,
+        description="Seconds the source stays paused (adapter not called) before trial polls are let through.",
+    )
+    half_open_permits: int = Field(
+        _BREAKER_DEFAULTS.half_open_permits, ge=1, le=1000,
+        description="Trial fetches after the wait; the breaker closes when they stay below the thresholds, "
+        "else it opens again.",
+    )
+
+    def to_policy(self) -> BreakerPolicy:
+        """The :class:`~gateway.resilience.BreakerPolicy` these settings describe.
+
+        Fields not configurable here (slow-call rate threshold, recorded and ignored exceptions)
+        keep the policy's defaults.
+        """
+        return BreakerPolicy(
+            window_size=self.window_size,
+            minimum_calls=self.minimum_calls,
+            failure_rate_threshold=self.failure_rate_threshold,
+            slow_call_duration=self.slow_call_duration,
+            wait_in_open=self.wait_in_open,
+            half_open_permits=self.half_open_permits,
+        )
+
+
 class SourceSettings(_Section):
     """One configured source: which adapter, its settings, and the mapping."""
 
@@ -190,6 +245,10 @@ class SourceSettings(_Section):
     mapping: MappingSettings = Field(..., description="Record-to-event mapping.")
     interval: float = Field(
         1.0, gt=0, le=86400, description="Seconds between polls when the last poll found nothing new."
+    )
+    breaker: BreakerSettings = Field(
+        default_factory=BreakerSettings,
+        description="Circuit breaker around the adapter's fetch; while it is open the source is paused.",
     )
 
 

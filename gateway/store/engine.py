@@ -13,6 +13,12 @@ from gateway.events.jsonsafe import dumps_text, loads
 __all__ = ["engine_from_settings", "make_engine"]
 
 
+def _json_column(value: Any) -> Any:
+    """Read a JSON column. SQLite's JSON columns have numeric affinity: a bare-number document
+    (a cursor such as ``9``) comes back as a number, not text."""
+    return loads(value) if isinstance(value, (str, bytes)) else value
+
+
 def make_engine(url: str, *, pool_size: int = 5, echo: bool = False) -> Engine:
     """Create an engine tuned for the gateway's access pattern.
 
@@ -20,7 +26,7 @@ def make_engine(url: str, *, pool_size: int = 5, echo: bool = False) -> Engine:
     server databases get pre-ping so a restarted database does not fail the next transaction.
     """
     u = make_url(url)
-    kwargs: dict[str, Any] = {"echo": echo, "json_serializer": dumps_text, "json_deserializer": loads}
+    kwargs: dict[str, Any] = {"echo": echo, "json_serializer": dumps_text, "json_deserializer": _json_column}
     if u.get_backend_name() == "sqlite":
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         engine = create_engine(u, **kwargs)

@@ -34,20 +34,9 @@ from gateway.resilience import (
     retrying,
 )
 
+from tests.fakes import FakeClock
+
 CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
-
-
-class FakeClock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def make(clock: FakeClock | None = None, **policy: object) -> tuple[CircuitBreaker, FakeClock]:

@@ -118,3 +118,9 @@ def test_broken_store_raises_store_unavailable(any_store: EventStore) -> None:
         conn.execute(text("DROP TABLE events"))
     with pytest.raises(StoreUnavailableError):
         any_store.accept([ev(1)], source_name="src")
+
+
+@pytest.mark.parametrize("cursor", [9, 1.5, "text", [1, "a"], {"k": [1]}, None, True])
+def test_any_json_cursor_round_trips(any_store: EventStore, cursor) -> None:
+    any_store.accept([ev(1)], source_name="src", cursor=cursor, write_cursor=True)
+    assert any_store.get_cursor("src").cursor == cursor  # type: ignore[union-attr]
