@@ -130,3 +130,29 @@ def test_names_checked_against_reflected_metadata(tmp_path, patch, message) -> N
 def test_injection_shaped_names_rejected(bad: str) -> None:
     with pytest.raises(Exception, match="not a plain SQL identifier"):
         SqlSource.parse_config({"url": "sqlite://", "table": bad, "key_column": "id", "timestamp_column": "ts"})
+
+
+def test_failed_outbox_commit_leaves_cursor_and_outbox_unchanged(sqlite_store: EventStore, tmp_path) -> None:
+    """REL-02: nothing is acknowledged (the cursor does not move) unless the outbox commit succeeds."""
+    from gateway.errors import StoreUnavailableError
+    from gateway.resilience import RetryPolicy
+
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    engine = make_orders(url, 10)
+    r = SourceRunner(SourceSettings.model_validate(source_settings(url, batch_size=5)), sqlite_store,
+                     retry=RetryPolicy(attempts=2, base_delay=0.001, max_delay=0.001, deadline=1), sleep=lambda s: None)
+    r.run_once()
+    before = sqlite_store.get_cursor("orders")
+    real_accept = sqlite_store.accept
+
+    def failing_accept(*a, **kw):  # type: ignore[no-untyped-def]
+        raise StoreUnavailableError("outbox transaction failed: OperationalError")
+
+    sqlite_store.accept = failing_accept  # type: ignore[method-assign]
+    with pytest.raises(StoreUnavailableError):
+        r.run_once()
+    sqlite_store.accept = real_accept  # type: ignore[method-assign]
+    assert sqlite_store.get_cursor("orders") == before and sqlite_store.stats()["events"] == 5
+    _drain(r)  # the same rows are read again after the outage: none lost, none doubled
+    assert sqlite_store.stats()["events"] == 10
+    engine.dispose()
