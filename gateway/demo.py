@@ -141,12 +141,3 @@ def demo_settings(workdir: Path, *, port: int, store_url: str | None, amqp_url: 
         ],
     }
 
-
-def wait_until(predicate: Any, timeout: float, interval: float = 0.1) -> bool:
-    """Poll ``predicate`` until true or ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())

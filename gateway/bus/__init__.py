@@ -1,8 +1,15 @@
 """Message bus: RabbitMQ through pika, or the in-process bus; one Protocol over both."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from gateway.bus.memory import InMemoryBus
 from gateway.bus.protocols import Bus, BusHealth, Consumer, Delivery, Message, Outcome, Publisher
 from gateway.bus.topology import QueueSpec, Topology, topic_matches
+
+if TYPE_CHECKING:
+    from gateway.config import BusSettings
 
 __all__ = [
     "Bus",
@@ -20,7 +27,7 @@ __all__ = [
 ]
 
 
-def bus_from_settings(settings: "BusSettings") -> Bus:  # type: ignore[name-defined]  # noqa: F821
+def bus_from_settings(settings: BusSettings) -> Bus:
     """RabbitMQ when ``settings.url`` is set, else the in-process bus."""
     topology = Topology.from_settings(settings)
     if settings.url is None:

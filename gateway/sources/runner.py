@@ -105,9 +105,9 @@ class SourceRunner:
         self.mapper = Mapper(settings.mapping, settings.name, self.adapter.kind)
         self.status = SourceStatus(settings.name)
         self._on_accept = on_accept
-        self._retry = retry or RetryPolicy(attempts=6, base_delay=0.2, max_delay=5.0, deadline=30.0)
         self._sleep = sleep
-        self._retrying = retrying(self._retry, sleep=sleep, logger=log)  # reusable; runner is one thread
+        policy = retry or RetryPolicy(attempts=6, base_delay=0.2, max_delay=5.0, deadline=30.0)
+        self._retrying = retrying(policy, sleep=sleep, logger=log)  # reusable; runner is one thread
         self._wait = wait
         self._epoch: int | None = None
         self._cursor: Any = None

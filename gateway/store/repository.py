@@ -626,23 +626,12 @@ class EventStore:
             return int(res.inserted_primary_key[0])
 
     @staticmethod
-    def _dead_row(
-        now: datetime,
-        *,
-        stage: str,
-        error_class: str,
-        reason: str,
-        payload: str | None,
-        event_id: str | None = None,
-        source_name: str | None = None,
-        headers: dict[str, Any] | None = None,
-        attempts: int = 1,
-    ) -> dict[str, Any]:
-        return {
-            "event_id": event_id, "stage": stage, "source_name": source_name, "error_class": error_class,
-            "reason": reason[:10000], "payload": payload, "headers": headers, "attempts": attempts,
-            "created_at": now,
-        }
+    def _dead_row(now: datetime, **fields: Any) -> dict[str, Any]:
+        """A ``dead_letters`` row from :meth:`add_dead_letter`'s keyword arguments."""
+        row: dict[str, Any] = {"event_id": None, "source_name": None, "headers": None, "attempts": 1, **fields}
+        row["reason"] = row["reason"][:10000]
+        row["created_at"] = now
+        return row
 
     def list_dead_letters(self, *, stage: str | None = None, limit: int = 100, after_id: int | None = None) -> list[DeadLetter]:
         """Dead letters, oldest first."""

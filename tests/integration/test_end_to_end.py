@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 import time
 from collections import Counter
 from datetime import timedelta
@@ -91,12 +93,22 @@ def _wait(predicate: Any, timeout: float) -> bool:
     return predicate()
 
 
+@contextmanager
+def _pipeline(pg_db_url: str, amqp_url: str, bus_prefix: str, rows: int) -> Iterator[tuple[Any, ScoredSink, Settings]]:
+    """A legacy table of ``rows`` orders, a scored-event sink and settings; all cleaned up after."""
+    legacy = make_orders(pg_db_url, rows)
+    sink = ScoredSink(amqp_url, bus_prefix)
+    try:
+        yield legacy, sink, _settings(pg_db_url, amqp_url, bus_prefix, pg_db_url)
+    finally:
+        sink.close()
+        legacy.dispose()
+        _cleanup(amqp_url, bus_prefix)
+
+
 @pytest.mark.slow
 def test_ten_thousand_rows_become_ten_thousand_scored_events(pg_db_url: str, amqp_url: str, bus_prefix: str) -> None:
-    legacy = make_orders(pg_db_url, 10_000)
-    sink = ScoredSink(amqp_url, bus_prefix)
-    settings = _settings(pg_db_url, amqp_url, bus_prefix, pg_db_url)
-    try:
+    with _pipeline(pg_db_url, amqp_url, bus_prefix, 10_000) as (legacy, sink, settings):
         gw = Gateway(settings, roles=["sources", "relay", "scorer"])
         gw.start()
         try:
@@ -127,18 +139,11 @@ def test_ten_thousand_rows_become_ten_thousand_scored_events(pg_db_url: str, amq
             assert len(rows) == 10_100 and max(rows.values()) == 1
         finally:
             gw.stop()
-    finally:
-        sink.close()
-        legacy.dispose()
-        _cleanup(amqp_url, bus_prefix)
 
 
 @pytest.mark.slow
 def test_stopping_relay_and_scorer_mid_run_loses_and_duplicates_nothing(pg_db_url: str, amqp_url: str, bus_prefix: str) -> None:
-    legacy = make_orders(pg_db_url, 6_000)
-    sink = ScoredSink(amqp_url, bus_prefix)
-    settings = _settings(pg_db_url, amqp_url, bus_prefix, pg_db_url)
-    try:
+    with _pipeline(pg_db_url, amqp_url, bus_prefix, 6_000) as (legacy, sink, settings):
         sources = Gateway(settings, roles=["sources"])
         sources.start()
         workers = Gateway(settings, roles=["relay", "scorer"])
@@ -159,7 +164,3 @@ def test_stopping_relay_and_scorer_mid_run_loses_and_duplicates_nothing(pg_db_ur
         finally:
             workers.stop()
             sources.stop()
-    finally:
-        sink.close()
-        legacy.dispose()
-        _cleanup(amqp_url, bus_prefix)
