@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import zeep  # noqa: E402
 
 from adapters.soap import SoapSource  # noqa: E402
-from tests.soapsim.server import T0, SoapSimulator  # noqa: E402
+from adapters.soap.simulator import T0, SoapSimulator  # noqa: E402
 
 
 def per_record(fn, records: int, rounds: int) -> float:  # type: ignore[no-untyped-def]

@@ -12,7 +12,7 @@ import pytest
 
 from adapters.soap import SoapSource
 from gateway.errors import PermanentError
-from tests.soapsim import SoapSimulator
+from adapters.soap.simulator import SoapSimulator
 from tests.unit.test_soap_source import soap_config
 
 SECRET = "TOP-SECRET-MARKER-7f3a9c"

@@ -17,7 +17,7 @@ from gateway.errors import ConfigurationError, PermanentError, TransientError
 from gateway.resilience import RetryPolicy
 from gateway.sources.runner import SourceRunner
 from gateway.store import EventStore
-from tests.soapsim import WSDL_PATH, Order, SoapSimulator
+from adapters.soap.simulator import WSDL_PATH, Order, SoapSimulator
 
 
 @pytest.fixture
