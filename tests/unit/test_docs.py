@@ -43,7 +43,7 @@ def test_internal_links_resolve(doc: Path) -> None:
 
 def test_no_sql_built_from_f_strings() -> None:
     """SEC-02: queries come from SQLAlchemy objects with bound values, never formatted text."""
-    bad = re.compile(r"""(text|execute|exec_driver_sql)\(\s*f["']""")
+    bad = re.compile(r"""\b(text|execute|exec_driver_sql)\(\s*f["']""")
     offenders = [
         f"{p.relative_to(ROOT)}:{n}"
         for base in ("gateway", "adapters")
