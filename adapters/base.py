@@ -35,6 +35,7 @@ The contract every adapter keeps (a standard test suite for it is planned in ``a
 from __future__ import annotations
 
 import abc
+import hashlib
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ __all__ = [
     "SourceConfig",
     "Record",
     "Batch",
+    "Fingerprint",
     "PollingSource",
     "ConfigT",
     "ConfigurationError",
@@ -70,9 +72,10 @@ class SourceConfig(BaseModel):
     """Base of every adapter's typed configuration (the ``config:`` block of a source).
 
     Unknown keys are errors. Give every field a ``description``: it is the user's reference.
+    Validation errors never echo the input (it may hold secrets).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     batch_size: int = Field(1000, ge=1, le=100_000, description="Most records fetched per poll.")
 
@@ -98,6 +101,32 @@ class Record:
 
 
 @dataclass(frozen=True, slots=True)
+class Fingerprint:
+    """A digest of the source's schema or contract (a WSDL and its XSDs, a table's columns).
+
+    Attributes:
+        digest: one hash over all parts; a change means the source's shape changed.
+        parts: each part's own hash (document location -> SHA-256), to say *what* changed.
+    """
+
+    digest: str
+    parts: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_parts(cls, parts: Mapping[str, str]) -> Fingerprint:
+        """A fingerprint whose digest is the SHA-256 over the sorted ``name=digest`` lines.
+
+        Args:
+            parts: part name -> digest of the part (e.g. ``hashlib.sha256(doc).hexdigest()``).
+
+        Returns:
+            The fingerprint; equal parts always give an equal digest.
+        """
+        text = "".join(f"{name}={parts[name]}\n" for name in sorted(parts))
+        return cls(digest=hashlib.sha256(text.encode("utf-8")).hexdigest(), parts=dict(parts))
+
+
+@dataclass(frozen=True, slots=True)
 class Batch:
     """What one ``fetch`` returns.
 
@@ -117,7 +146,9 @@ class PollingSource(abc.ABC, Generic[ConfigT]):
     """Base class of polling adapters.
 
     Override :meth:`fetch` (required); override :meth:`open`, :meth:`close`, :meth:`check`,
-    :meth:`initial_cursor` and :meth:`classify_error` when the defaults do not fit.
+    :meth:`initial_cursor` and :meth:`classify_error` when the defaults do not fit, and
+    :meth:`breaker_key`, :meth:`fingerprint`, :attr:`drift_check_interval` and
+    :attr:`stop_on_drift` to share a circuit breaker or to have schema drift detected.
 
     Args:
         config: the validated ``config:`` block.
@@ -189,3 +220,50 @@ class PollingSource(abc.ABC, Generic[ConfigT]):
             err = PermanentError(f"{type(exc).__name__}: {exc}")
         err.__cause__ = exc
         return err
+
+    def breaker_key(self) -> str:
+        """Name of the circuit breaker guarding this source's :meth:`fetch`.
+
+        The default, ``source:<source name>``, gives every source its own breaker. Override when
+        several sources share one downstream endpoint (operations of one SOAP service, tables of
+        one database): adapters that return the same key share one breaker, so an outage seen by
+        one of them pauses all of them. Called once, after :meth:`open`, so the key may depend on
+        what ``open`` resolved (for example the endpoint address from a WSDL).
+
+        Returns:
+            The breaker name, e.g. ``"soap:https://erp.example/orders"``.
+        """
+        return f"source:{self.source_name}"
+
+    def fingerprint(self) -> Fingerprint | None:
+        """A digest of the source's current schema, for drift detection; ``None`` to opt out.
+
+        The runner calls it after :meth:`open` and then every :attr:`drift_check_interval`
+        seconds. The first fingerprint becomes the stored baseline; a later digest that differs
+        is reported as drift (``gateway sources list``, ``/readyz``, one log warning naming the
+        changed parts) until an operator runs ``gateway sources accept-drift``. An exception is
+        logged as a warning and polling continues. Override when the source has a schema
+        document worth watching (WSDL/XSD, table definitions); :meth:`Fingerprint.from_parts`
+        builds the digest from per-part digests.
+
+        Returns:
+            The current fingerprint, or ``None`` (the default: no drift detection).
+        """
+        return None
+
+    @property
+    def drift_check_interval(self) -> float | None:
+        """Seconds between :meth:`fingerprint` checks while running; ``None`` checks only at start.
+
+        Override (for example from the adapter's config) to watch a long-running source.
+        """
+        return None
+
+    @property
+    def stop_on_drift(self) -> bool:
+        """Whether a detected drift stops polling (state ``drift-stopped``) until accepted or resumed.
+
+        The default, ``False``, only reports drift. Override to return ``True`` (for example from
+        the adapter's config) when reading with a stale schema could misread records.
+        """
+        return False

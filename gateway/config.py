@@ -250,6 +250,11 @@ class SourceSettings(_Section):
         default_factory=BreakerSettings,
         description="Circuit breaker around the adapter's fetch; while it is open the source is paused.",
     )
+    status_interval: float = Field(
+        5.0, gt=0, le=3600,
+        description="Seconds between the runner's status writes to the store (state changes are written at "
+        "once) and its checks for operator commands (gateway sources pause/resume/accept-drift).",
+    )
 
 
 _YAML_DATA: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("_YAML_DATA", default={})

@@ -15,7 +15,7 @@ from typing import Any
 from gateway.bus import Bus, Topology, bus_from_settings
 from gateway.config import Settings
 from gateway.relay import Relay
-from gateway.resilience import RetryPolicy, retrying
+from gateway.resilience import BreakerRegistry, RetryPolicy, retrying
 from gateway.sources.runner import SourceRunner
 from gateway.store import EventStore, engine_from_settings
 from gateway.store.migrate import upgrade
@@ -49,6 +49,9 @@ class Gateway:
     bus: Bus = field(init=False)
     topology: Topology = field(init=False)
     runners: list[SourceRunner] = field(default_factory=list, init=False)
+    #: Circuit breakers shared by the source runners: sources whose adapters return the same
+    #: ``breaker_key()`` (one downstream endpoint) share one breaker and pause together.
+    breakers: BreakerRegistry = field(default_factory=BreakerRegistry, init=False)
     relay: Relay | None = field(default=None, init=False)
     scorer: Any = field(default=None, init=False)
     scorers: list[Any] = field(default_factory=list, init=False)
@@ -93,7 +96,7 @@ class Gateway:
             for src in self.settings.sources:
                 if not src.enabled:
                     continue
-                runner = SourceRunner(src, self.store, on_accept=self.wake_relay)
+                runner = SourceRunner(src, self.store, on_accept=self.wake_relay, breakers=self.breakers)
                 self.runners.append(runner)
                 self._spawn(f"source:{src.name}", runner.run)
         if "api" in self.roles:

@@ -28,6 +28,8 @@ __all__ = [
     "EventRecord",
     "EventPage",
     "CheckResult",
+    "SourceBreaker",
+    "SourceReadiness",
     "Readiness",
     "Liveness",
     "ProblemError",
@@ -132,11 +134,41 @@ class CheckResult(_Out):
     detail: str
 
 
+class SourceBreaker(_Out):
+    """A source's circuit breaker, as its runner last wrote it."""
+
+    name: str | None = Field(None, description="Breaker name; sources behind one endpoint share one.")
+    state: str = Field(description="closed | open | half_open")
+    failure_rate: float | None = Field(None, description="Percent of failed polls in the breaker's window.")
+    retry_after: float | None = Field(
+        None, description="Seconds until trial polls, as of updated_at (0 unless open)."
+    )
+
+
+class SourceReadiness(_Out):
+    """One source's status in ``GET /readyz``: detail only, never a reason to be unready."""
+
+    state: str = Field(
+        description="idle | polling | backoff | paused | paused-by-operator | failed | drift-stopped | fenced | "
+        "stopped; unknown when no runner reported yet"
+    )
+    desired_state: str = Field("running", description="running | paused (gateway sources pause/resume).")
+    breaker: SourceBreaker | None = None
+    last_error: str | None = Field(None, description="The runner's last error (shortened, URLs redacted).")
+    updated_at: UtcTime | None = Field(None, description="When the runner last wrote its status.")
+    drift: bool = Field(False, description="The source's schema fingerprint differs from the accepted baseline.")
+
+
 class Readiness(_Out):
     """Answer of ``GET /readyz`` when ready."""
 
     status: Literal["ready", "unavailable"]
     checks: dict[str, CheckResult]
+    sources: dict[str, SourceReadiness] = Field(
+        default_factory=dict,
+        description="Per source (configured or known to the store), what its runner last wrote to the store. "
+        "Detail only: a failed or paused source does not make the gateway unready.",
+    )
 
 
 class Liveness(_Out):

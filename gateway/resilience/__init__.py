@@ -10,11 +10,13 @@ from gateway.resilience.breaker import (
     Permit,
     guarded,
 )
+from gateway.resilience.registry import BreakerRegistry
 from gateway.resilience.retry import RetryPolicy, retrying
 
 __all__ = [
     "BreakerListener",
     "BreakerPolicy",
+    "BreakerRegistry",
     "BreakerState",
     "CircuitBreaker",
     "ExceptionClassifier",

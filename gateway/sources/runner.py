@@ -2,22 +2,39 @@
 
 The acceptance point: a batch's cursor advances only in the transaction that stores its events
 (and the dead letters of its unmappable records). A crash anywhere replays at most the batch that
-was not committed, and deterministic ids make the replay harmless.
+was not committed, and deterministic ids make the replay harmless. Nothing below moves the
+cursor otherwise: a failed, paused or drift-stopped source keeps the cursor of its last commit.
 
-Every ``fetch`` goes through the source's circuit breaker (``source:<name>``), wrapped as
-``Retry(CircuitBreaker(fetch))``: each attempt is one breaker call, a transient failure counts as a
-breaker failure, a permanent one (the source answered) as a success. While the breaker is open the
-adapter is not called: :meth:`SourceRunner.run_once` raises ``CircuitOpenError`` at once (the retry
-policy never retries it) and :meth:`SourceRunner.run` pauses the source until the breaker lets
-trial polls through. The store write is not behind the source breaker: the store is the gateway's
-own and has its own retry.
+Every ``fetch`` goes through the source's circuit breaker, wrapped as ``Retry(CircuitBreaker(fetch))``:
+each attempt is one breaker call, a transient failure counts as a breaker failure, a permanent one
+(the source answered) as a success. The breaker is named by the adapter's
+:meth:`~adapters.base.PollingSource.breaker_key` (default ``source:<name>``) and taken from a
+:class:`~gateway.resilience.BreakerRegistry`, so sources behind one endpoint share one breaker.
+While the breaker is open the adapter is not called: :meth:`SourceRunner.run_once` raises
+``CircuitOpenError`` at once (the retry policy never retries it) and :meth:`SourceRunner.run`
+pauses the source until the breaker lets trial polls through. The store write is not behind the
+source breaker: the store is the gateway's own and has its own retry.
+
+:meth:`SourceRunner.run` also:
+
+* stops polling after a **permanent** fetch error (``PermanentError``, ``ConfigurationError``):
+  one dead letter, state ``failed``, until an operator resumes the source;
+* honours **operator commands** from the store (``gateway sources pause|resume|accept-drift``),
+  checked every ``status_interval`` seconds;
+* watches **schema drift** through the adapter's :meth:`~adapters.base.PollingSource.fingerprint`;
+* **persists its status** (``source_status``) on every state change and breaker transition, and
+  otherwise at most every ``status_interval`` seconds, for other processes to read. A store failure
+  while writing status is logged; it never stops the runner.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -25,21 +42,53 @@ from typing import Any
 
 from adapters.base import Batch, PollingSource
 from gateway.config import SourceSettings
-from gateway.errors import CircuitOpenError, ContractError, FencingError, GatewayError
+from gateway.errors import (
+    CircuitOpenError,
+    ConfigurationError,
+    ContractError,
+    FencingError,
+    GatewayError,
+    PermanentError,
+)
 from gateway.events import Event, jsonable, utcnow
-from gateway.events.jsonsafe import dumps
+from gateway.events.jsonsafe import dumps, loads
 from gateway.plugins import load_adapter
-from gateway.resilience import BreakerState, CircuitBreaker, RetryPolicy, retrying
+from gateway.resilience import (
+    BreakerListener,
+    BreakerRegistry,
+    BreakerState,
+    CircuitBreaker,
+    RetryPolicy,
+    retrying,
+)
+from gateway.sources.drift import DriftTracker
 from gateway.sources.mapping import Mapper
-from gateway.store import AcceptResult, EventStore
+from gateway.store import AcceptResult, EventStore, StoredSourceStatus
+from gateway.store.schema import DESIRED_PAUSED, DESIRED_RUNNING
 
-__all__ = ["SourceRunner", "SourceStatus", "build_adapter"]
+__all__ = ["STATES", "SourceRunner", "SourceStatus", "build_adapter"]
 
 log = logging.getLogger("gateway.sources")
 
 #: Longest single pause of a source whose breaker is open; the runner re-checks the breaker after
 #: it (without calling the adapter), so a breaker forced open indefinitely is re-checked regularly.
 MAX_PAUSE = 60.0
+
+#: Every state a runner reports, in ``status.state`` and the ``source_status`` table.
+STATES = (
+    "idle",  # between polls
+    "polling",  # a poll is in progress
+    "backoff",  # the last poll failed with a transient error; retrying with backoff
+    "paused",  # the source's circuit breaker is open; waiting for trial polls
+    "paused-by-operator",  # `gateway sources pause`; waiting for `resume`
+    "failed",  # a permanent error; waiting for `resume` (or a restart)
+    "drift-stopped",  # schema drift with stop_on_drift; waiting for `accept-drift` or `resume`
+    "fenced",  # another runner took over the source; this one stopped
+    "stopped",  # run() returned
+)
+
+#: The routine poll cycle: switching between these is written with the periodic status write only.
+_ROUTINE = frozenset({"idle", "polling"})
 
 
 def _wait_on(stop: threading.Event, seconds: float) -> bool:
@@ -53,12 +102,45 @@ def build_adapter(settings: SourceSettings) -> PollingSource:  # type: ignore[ty
     return cls(cls.parse_config(settings.config), source_name=settings.name)
 
 
+def _same_cursor(old_payload: str | None, new_payload: str | None) -> bool:
+    """Whether two source dead-letter payloads were read from the same cursor."""
+    try:
+        return bool(loads(old_payload or "null")["cursor"] == loads(new_payload or "null")["cursor"])
+    except (TypeError, KeyError, ValueError):
+        return False
+
+
+class _ProvisionalBreaker(CircuitBreaker):
+    """Stands in for a source's breaker until :meth:`SourceRunner.start` knows its key.
+
+    No call goes through it (nothing is fetched before ``start``); listeners added to it move to
+    the real breaker.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.added: list[BreakerListener] = []
+
+    def add_listener(self, listener: BreakerListener) -> None:
+        """Register ``listener`` here and, at ``start()``, on the real breaker."""
+        super().add_listener(listener)
+        self.added.append(listener)
+
+
+def _json_safe(value: Any) -> Any:
+    """``jsonable(value)``, or its ``repr`` when it holds something JSON cannot represent."""
+    try:
+        return jsonable(value)
+    except TypeError:
+        return repr(value)
+
+
 @dataclass
 class SourceStatus:
-    """What ``gateway sources list`` and the API show about a running source."""
+    """What a running source reports (in memory; persisted to ``source_status``)."""
 
     name: str
-    state: str = "idle"  #: idle | polling | backoff | paused | error | fenced | stopped
+    state: str = "idle"  #: one of :data:`STATES`
     last_poll_at: datetime | None = None
     last_error: str | None = None
     polls: int = 0
@@ -69,6 +151,8 @@ class SourceStatus:
     #: The source breaker's :meth:`~gateway.resilience.CircuitBreaker.snapshot`, replaced (never
     #: mutated) after every poll and on every breaker transition.
     breaker: dict[str, Any] = field(default_factory=dict)
+    #: The schema drift against the stored baseline, or ``None`` (see :class:`DriftTracker`).
+    drift: dict[str, Any] | None = None
 
 
 class SourceRunner:
@@ -81,10 +165,18 @@ class SourceRunner:
         on_accept: called after each committed batch with new events (wakes the relay).
         retry: policy for transient failures of the adapter and the store.
         sleep: injectable sleep between retry attempts (tests).
-        clock: monotonic clock of the source's circuit breaker (tests inject a fake one).
-        wait: how :meth:`run` waits between polls, in backoff and while paused:
-            ``wait(stop, seconds)`` must return early when ``stop`` is set (tests inject one that
-            moves a fake clock).
+        clock: monotonic clock of the source's circuit breaker (when the runner creates its own
+            registry), of the status-write and operator-check periods and of drift checks (tests
+            inject a fake one).
+        wait: how :meth:`run` waits between polls, in backoff, while paused and while stopped
+            (failed, paused by an operator, drift): ``wait(stop, seconds)`` must return early when
+            ``stop`` is set (tests inject one that moves a fake clock).
+        breakers: the registry the source's breaker comes from; runners given the same registry
+            share a breaker when their adapters return the same ``breaker_key()``. Default: a
+            private registry.
+        status_interval: seconds between status writes and operator-command checks (default:
+            ``settings.status_interval``).
+        owner: identity written with the status (default ``hostname:pid:runner-id``).
     """
 
     def __init__(
@@ -98,45 +190,112 @@ class SourceRunner:
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
         wait: Callable[[threading.Event, float], object] = _wait_on,
+        breakers: BreakerRegistry | None = None,
+        status_interval: float | None = None,
+        owner: str | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.adapter = adapter or build_adapter(settings)
         self.mapper = Mapper(settings.mapping, settings.name, self.adapter.kind)
         self.status = SourceStatus(settings.name)
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._on_accept = on_accept
         self._sleep = sleep
         policy = retry or RetryPolicy(attempts=6, base_delay=0.2, max_delay=5.0, deadline=30.0)
         self._retrying = retrying(policy, sleep=sleep, logger=log)  # reusable; runner is one thread
         self._wait = wait
+        self._clock = clock
+        self._status_interval = settings.status_interval if status_interval is None else status_interval
         self._epoch: int | None = None
+        self._started = False
         self._cursor: Any = None
-        self.breaker = CircuitBreaker(
-            f"source:{settings.name}",
-            settings.breaker.to_policy(),
-            clock=clock,
-            listeners=[self._on_breaker_transition],
-        )
-        self.status.breaker = self.breaker.snapshot()
+        # Operator wishes as last read from the store.
+        self._desired = DESIRED_RUNNING
+        self._generation = 0
+        self._drift = DriftTracker()
+        # Periodic work: last time (clock) of each; -inf makes the first one due at once.
+        self._saved_at = self._controlled_at = self._drift_checked_at = float("-inf")
+        self._status_lock = threading.RLock()  # breaker listeners may save from other runners' threads
+        self._superseded = False  # a runner with a newer epoch reports for this source
+        self._pending_dead_letter: dict[str, Any] | None = None
+        self._registry = breakers if breakers is not None else BreakerRegistry(clock)
+        self._breaker: CircuitBreaker
+        if type(self.adapter).breaker_key is PollingSource.breaker_key:
+            # The default key does not depend on open(): take the real breaker now.
+            self._attach_breaker(self.adapter.breaker_key())
+        else:
+            # breaker_key() is called after open(): a private stand-in until start().
+            self._breaker = _ProvisionalBreaker(
+                f"source:{settings.name}", settings.breaker.to_policy(), clock=clock,
+                listeners=[self._on_breaker_transition],
+            )
+            self.status.breaker = self._breaker.snapshot()
+
+    # ------------------------------------------------------------------ breaker
+    @property
+    def breaker(self) -> CircuitBreaker:
+        """The circuit breaker guarding this source's fetch (shared with sources of the same key).
+
+        When the adapter overrides ``breaker_key()``, the real breaker is known only after
+        :meth:`start` (the key is asked for after ``open()``); until then this is a private
+        stand-in named ``source:<name>``, and listeners added to it move to the real breaker.
+        """
+        return self._breaker
+
+    def _attach_breaker(self, key: str) -> None:
+        """Get (or create) the breaker ``key`` and listen to its transitions."""
+        breaker = self._registry.get(key, self.settings.breaker.to_policy())
+        breaker.add_listener(self._on_breaker_transition)
+        provisional = getattr(self, "_breaker", None)
+        if isinstance(provisional, _ProvisionalBreaker):
+            for listener in provisional.added:
+                breaker.add_listener(listener)
+        self._breaker = breaker
+        self.status.breaker = breaker.snapshot()
 
     def _on_breaker_transition(self, name: str, old: BreakerState, new: BreakerState) -> None:
-        """Keep ``status.breaker`` current and say what the transition means for the source."""
+        """Keep ``status.breaker`` current, say what the transition means and persist it.
+
+        Runs in the thread that caused the transition, which may be another source's runner.
+        """
         self.status.breaker = self.breaker.snapshot()
         if new is BreakerState.OPEN:
             log.warning("source %r: circuit %r %s -> open: source paused", self.settings.name, name, old.value)
         elif new is BreakerState.CLOSED:
             log.warning("source %r: circuit %r closed: source resumed", self.settings.name, name)
+        self._save_status(force=True)
 
     @property
     def batch_size(self) -> int:
         return int(getattr(self.adapter.config, "batch_size", 1000))
 
+    # ------------------------------------------------------------------ start and poll
     def start(self) -> None:
-        """Open the adapter, take the fencing epoch and load the committed cursor."""
-        self.adapter.open()
-        self._epoch = self.store.acquire_epoch(self.settings.name)
+        """Take the fencing epoch, open the adapter, load the cursor, operator state and baseline.
+
+        The epoch is taken first, so the newest runner owns the source (and its status row) even
+        while its adapter cannot open. Then the breaker is attached (``breaker_key()`` is called
+        after ``open()``), and the fingerprint is checked once.
+
+        Raises:
+            GatewayError: the adapter could not open, or the store could not be read.
+        """
+        if self._epoch is None:
+            self._epoch = self.store.acquire_epoch(self.settings.name)
         state = self.store.get_cursor(self.settings.name)
-        self._cursor = state.cursor if state and state.cursor is not None else self.adapter.initial_cursor()
+        control = self.store.get_source_status(self.settings.name)
+        if state is not None and state.cursor is not None:
+            self._cursor = state.cursor  # known before open(): a failing open() dead-letters it
+        self.adapter.open()
+        if isinstance(self._breaker, _ProvisionalBreaker):
+            self._attach_breaker(self.adapter.breaker_key())
+        if state is None or state.cursor is None:
+            self._cursor = self.adapter.initial_cursor()
+        self._apply_control(control)
+        self._controlled_at = self._clock()
+        self._started = True
+        self.check_drift()
 
     def map_batch(self, batch: Batch) -> tuple[list[Event], list[dict[str, Any]]]:
         """Map records; unmappable ones become dead-letter rows (never silently dropped)."""
@@ -164,9 +323,9 @@ class SourceRunner:
             FencingError: another runner took over this source; stop.
             GatewayError: a permanent error, or a transient one that outlived the retry policy.
         """
-        if self._epoch is None:
+        if not self._started:
             self.start()
-        self.status.state = "polling"
+        self._set_state("polling")
         try:
             batch = self._fetch_guarded()
         finally:
@@ -191,7 +350,10 @@ class SourceRunner:
         st.events_accepted += len(result.inserted)
         st.duplicates += len(result.duplicates)
         st.rejected += len(rejects)
-        st.state, st.last_error = "idle", None
+        recovered = st.last_error is not None
+        st.last_error = None
+        self._set_state("idle")
+        self._save_status(force=recovered)
         if result.inserted and self._on_accept:
             self._on_accept()
         return batch
@@ -228,12 +390,13 @@ class SourceRunner:
         else:
             # The retry ran out on the very failure that opened the breaker: pause right away
             # instead of backing off into a rejection.
-            snap = self.breaker.snapshot()
+            snap = self._breaker.snapshot()
             if snap["state"] != BreakerState.OPEN.value:
                 return None
             retry_after = snap["retry_after"]
         return min(max(retry_after, 0.0), MAX_PAUSE)
 
+    # ------------------------------------------------------------------ the loop
     def run(self, stop: threading.Event) -> None:
         """Poll until ``stop`` is set: at once while the source has more, else every ``interval``.
 
@@ -241,37 +404,249 @@ class SourceRunner:
         the runner waits the breaker's ``retry_after`` instead of the generic backoff and does not
         call the adapter; then the breaker's half-open trial polls go through, and once it closes
         the source polls at full speed again.
+
+        A permanent error (``PermanentError``, ``ConfigurationError``) is never retried: the
+        runner writes one dead letter (``stage="source"``, payload ``{"cursor", "error"}``), reports
+        ``failed`` and stops calling the adapter until an operator resumes the source
+        (``gateway sources resume``) or the process restarts. ``gateway sources pause`` stops
+        polling (``paused-by-operator``) within ``status_interval`` until resumed. Schema drift
+        with the adapter's ``stop_on_drift`` stops polling (``drift-stopped``) until the drift is
+        accepted or the source resumed.
         """
         backoff = 1.0
-        while not stop.is_set():
+        while not stop.is_set() and not self._superseded:
             try:
+                if not self._started:
+                    self.start()
+                self._refresh_control()
+                if self._desired == DESIRED_PAUSED:
+                    self._hold(stop, "paused-by-operator", needs_command=False)
+                    continue
+                self._maybe_check_drift()
+                if self._drift.blocks(self.adapter.stop_on_drift):
+                    if self._hold(stop, "drift-stopped", needs_command=True):
+                        self._drift.override()  # resumed without accepting: poll despite this digest
+                        self.status.drift = self._drift.drift
+                    continue
                 batch = self.run_once()
                 backoff = 1.0
                 if not batch.has_more:
-                    self._wait(stop, self.settings.interval)
+                    self._pace(stop, self.settings.interval)
             except FencingError as exc:
-                self.status.state, self.status.last_error = "fenced", str(exc)
+                self.status.last_error = str(exc)
+                self._set_state("fenced")
                 log.error("%s; this runner stops", exc)
                 break
+            except (PermanentError, ConfigurationError) as exc:
+                self._fail(exc)
+                self._hold(stop, "failed", needs_command=True)
+                backoff = 1.0
             except Exception as exc:  # noqa: BLE001 -- a runner must never die silently
                 pause = self._pause_for(exc)
+                self.status.last_error = f"{type(exc).__name__}: {exc}"
                 if pause is not None:
-                    self.status.state, self.status.last_error = "paused", f"{type(exc).__name__}: {exc}"
-                    self.status.breaker = self.breaker.snapshot()
+                    self.status.breaker = self._breaker.snapshot()
+                    self._set_state("paused")
                     log.warning(
                         "source %r: paused, circuit open (%s: %s); next trial poll in %.1fs",
                         self.settings.name, type(exc).__name__, exc, pause,
                     )
+                    # Not cut into status_interval slices: the adapter is not called while
+                    # paused, and operator commands are checked before the next trial poll.
                     self._wait(stop, pause)
                     backoff = 1.0
                     continue
-                self.status.state, self.status.last_error = "backoff", f"{type(exc).__name__}: {exc}"
+                self._set_state("backoff")
                 if isinstance(exc, GatewayError):
                     log.error("source %r: %s: %s (next try in %.0fs)", self.settings.name, type(exc).__name__, exc, backoff)
                 else:
                     log.exception("source %r: unexpected error (next try in %.0fs)", self.settings.name, backoff)
-                self._wait(stop, backoff)
+                self._pace(stop, backoff)
                 backoff = min(backoff * 2, 60.0)
+        if self._superseded and self.status.state != "fenced":
+            self.status.state = "fenced"  # not written: the row belongs to the newer runner
+            log.error("source %r: a runner with a newer epoch reports for this source; this runner stops", self.settings.name)
         self.adapter.close()
         if self.status.state != "fenced":
-            self.status.state = "stopped"
+            self._set_state("stopped")
+
+    def _pace(self, stop: threading.Event, seconds: float) -> None:
+        """Wait ``seconds`` in ``status_interval`` slices, ending early on a pause command."""
+        remaining = seconds
+        while remaining > 0 and not stop.is_set():
+            step = min(remaining, self._status_interval)
+            self._wait(stop, step)
+            remaining -= step
+            if remaining > 0:
+                self._refresh_control()
+                if self._desired == DESIRED_PAUSED or self._superseded:
+                    return
+
+    def _hold(self, stop: threading.Event, state: str, *, needs_command: bool) -> bool:
+        """Stop polling in ``state`` until an operator lets the source run again.
+
+        Args:
+            stop: the runner's stop event.
+            state: the state to report meanwhile.
+            needs_command: ``True``: wait for a *new* ``running`` command (failed, drift-stopped:
+                the default ``running`` does not count); ``False``: for ``desired_state`` to be
+                ``running`` (paused by an operator).
+
+        Returns:
+            ``True`` when resumed, ``False`` when stopped.
+        """
+        self._refresh_control(force=True)
+        if not needs_command and self._desired == DESIRED_RUNNING:
+            return True  # resumed before this runner saw the pause
+        since = self._generation
+        self._set_state(state)
+        while not stop.is_set() and not self._superseded:
+            self._wait(stop, self._status_interval)
+            if stop.is_set():
+                break
+            self._flush_dead_letter()
+            self._refresh_control(force=True)
+            if self._desired == DESIRED_RUNNING and (not needs_command or self._generation > since):
+                log.warning("source %r: resumed by an operator (was %s)", self.settings.name, state)
+                self._set_state("idle")
+                return True
+            self._save_status()  # heartbeat: updated_at shows the runner is alive
+        return False
+
+    def _fail(self, exc: GatewayError) -> None:
+        """A permanent error: one dead letter (deduplicated on cursor + message), state failed."""
+        message = str(exc) or type(exc).__name__
+        self.status.last_error = f"{type(exc).__name__}: {message}"
+        error = {"class": type(exc).__name__, "message": message, "details": _json_safe(getattr(exc, "details", None))}
+        payload = dumps({"cursor": _json_safe(self._cursor), "error": error}).decode()
+        self._pending_dead_letter = {
+            "stage": "source",
+            "source_name": self.settings.name,
+            "error_class": type(exc).__name__,
+            "reason": message,
+            "payload": payload,
+        }
+        self._flush_dead_letter()
+        log.error(
+            "source %r: %s: %s -- a permanent error at cursor %r: the source stops polling; fix the cause "
+            "(see dead_letters), then run `gateway sources resume %s`",
+            self.settings.name, type(exc).__name__, message, self._cursor, self.settings.name,
+        )
+
+    def _flush_dead_letter(self) -> None:
+        """Write the pending failure dead letter; kept for the next try when the store fails."""
+        if self._pending_dead_letter is None:
+            return
+        try:
+            dl_id, created = self.store.add_dead_letter_once(**self._pending_dead_letter, same=_same_cursor)
+        except Exception as exc:  # noqa: BLE001 -- retried while the source waits
+            log.warning("source %r: could not write the dead letter yet (%s: %s)", self.settings.name, type(exc).__name__, exc)
+            return
+        self._pending_dead_letter = None
+        self.status.extra["dead_letter_id"] = dl_id
+        if not created:
+            log.info("source %r: the same failure is already dead letter %d", self.settings.name, dl_id)
+
+    # ------------------------------------------------------------------ drift
+    def check_drift(self) -> None:
+        """Compare the adapter's fingerprint with the stored baseline (storing the first as baseline).
+
+        A fingerprint error is logged as a warning; polling continues.
+        """
+        self._drift_checked_at = self._clock()
+        try:
+            fp = self.adapter.fingerprint()
+        except Exception as exc:  # noqa: BLE001 -- drift detection must never stop a source
+            log.warning("source %r: fingerprint check failed (%s: %s); polling continues", self.settings.name, type(exc).__name__, exc)
+            return
+        if fp is None:
+            return
+        if self._drift.baseline is None:
+            try:
+                self.store.set_fingerprint_baseline(self.settings.name, fp.digest, fp.parts)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("source %r: could not store the fingerprint baseline (%s: %s)", self.settings.name, type(exc).__name__, exc)
+                return
+            log.info("source %r: fingerprint %s stored as the drift baseline", self.settings.name, fp.digest)
+            self._drift.set_baseline(fp.digest, fp.parts)
+        if self._drift.observe(fp):
+            drift = self._drift.drift or {}
+            log.warning(
+                "source %r: schema drift: fingerprint %s differs from the baseline %s; changed: %s%s",
+                self.settings.name, drift.get("current"), drift.get("baseline"), ", ".join(drift.get("changed", [])) or "-",
+                "; polling stops until `gateway sources accept-drift` or `resume`" if self.adapter.stop_on_drift else "",
+            )
+        self._sync_drift()
+
+    def _maybe_check_drift(self) -> None:
+        interval = self.adapter.drift_check_interval
+        if interval is not None and self._clock() - self._drift_checked_at >= interval:
+            self.check_drift()
+
+    def _sync_drift(self) -> None:
+        """Mirror the tracker's drift into the status; persist at once when it changed."""
+        if self.status.drift != self._drift.drift:
+            self.status.drift = self._drift.drift
+            self._save_status(force=True)
+
+    # ------------------------------------------------------------------ persisted status
+    def _set_state(self, state: str) -> None:
+        """Set ``status.state``; a change outside the routine poll cycle is written at once."""
+        old, self.status.state = self.status.state, state
+        if old != state and not {old, state} <= _ROUTINE:
+            self._save_status(force=True)
+
+    def _save_status(self, *, force: bool = False) -> None:
+        """Write the status to the store (at most every ``status_interval`` unless ``force``).
+
+        Never raises: a store failure is logged and the next write tries again. Nothing is written
+        before the runner holds an epoch (the row belongs to whichever runner holds the newest).
+        """
+        now = self._clock()
+        if self._epoch is None or (not force and now - self._saved_at < self._status_interval):
+            return
+        with self._status_lock:
+            self._saved_at = now
+            st = self.status
+            try:
+                written = self.store.save_source_status(
+                    self.settings.name,
+                    state=st.state,
+                    owner=self.owner,
+                    epoch=self._epoch,
+                    last_poll_at=st.last_poll_at,
+                    last_error=st.last_error,
+                    polls=st.polls,
+                    events_accepted=st.events_accepted,
+                    duplicates=st.duplicates,
+                    rejected=st.rejected,
+                    breaker=st.breaker,
+                    drift=st.drift,
+                )
+            except Exception as exc:  # noqa: BLE001 -- status is best effort; polling goes on
+                log.warning("source %r: could not save its status (%s: %s)", self.settings.name, type(exc).__name__, exc)
+                return
+            if not written:
+                self._superseded = True
+
+    def _refresh_control(self, *, force: bool = False) -> None:
+        """Read operator commands and the drift baseline (at most every ``status_interval``)."""
+        now = self._clock()
+        if not force and now - self._controlled_at < self._status_interval:
+            return
+        self._controlled_at = now
+        try:
+            row = self.store.get_source_status(self.settings.name)
+        except Exception as exc:  # noqa: BLE001 -- keep the last known wishes
+            log.warning("source %r: could not read operator commands (%s: %s)", self.settings.name, type(exc).__name__, exc)
+            return
+        self._apply_control(row)
+        self._sync_drift()
+
+    def _apply_control(self, row: StoredSourceStatus | None) -> None:
+        """Take the operator wishes and the baseline from a status row (``None``: defaults)."""
+        if row is None:
+            self._desired, self._generation = DESIRED_RUNNING, 0
+            return
+        self._desired, self._generation = row.desired_state, row.desired_generation
+        self._drift.set_baseline(row.fingerprint, row.fingerprint_parts)

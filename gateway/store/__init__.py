@@ -1,4 +1,4 @@
-"""The gateway store: outbox, cursors, scores and dead letters (SQLAlchemy + Alembic)."""
+"""The gateway store: outbox, cursors, source status, scores and dead letters (SQLAlchemy + Alembic)."""
 
 from gateway.store.engine import engine_from_settings, make_engine
 from gateway.store.repository import (
@@ -11,6 +11,7 @@ from gateway.store.repository import (
     ScoreRecord,
     StoredEvent,
 )
+from gateway.store.status import SourceStatusRepository, StoredSourceStatus
 
 __all__ = [
     "AcceptResult",
@@ -20,7 +21,9 @@ __all__ = [
     "EventStore",
     "OutboxRow",
     "ScoreRecord",
+    "SourceStatusRepository",
     "StoredEvent",
+    "StoredSourceStatus",
     "engine_from_settings",
     "make_engine",
 ]

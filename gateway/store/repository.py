@@ -7,20 +7,21 @@ Every method is one transaction. Nothing here retries; callers decide (see ``gat
 from __future__ import annotations
 
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Insert, Integer, Table, and_, any_, bindparam, func, or_, select, true, update
+from sqlalchemy import Connection, Engine, Integer, and_, any_, bindparam, func, or_, select, true, update
 from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from gateway.errors import FencingError, StoreUnavailableError
 from gateway.events import Event, utcnow
 from gateway.events.jsonsafe import loads
+from gateway.store._sql import guard as _guard
+from gateway.store._sql import insert_ignore as _insert_ignore
+from gateway.store.status import SourceStatusRepository
 from gateway.store.schema import (
     EVENT_PENDING,
     EVENT_PUBLISHED,
@@ -131,28 +132,6 @@ class EventFilter:
     status: str | None = None
 
 
-def _insert_ignore(conn: Connection, table: Table, keys: Sequence[str]) -> Insert:
-    """INSERT that skips rows whose unique ``keys`` exist already, for this connection's dialect."""
-    name = conn.dialect.name
-    if name == "postgresql":
-        return postgresql.insert(table).on_conflict_do_nothing(index_elements=list(keys))
-    if name == "sqlite":
-        return sqlite.insert(table).on_conflict_do_nothing(index_elements=list(keys))
-    if name in ("mysql", "mariadb"):
-        return table.insert().prefix_with("IGNORE")
-    raise StoreUnavailableError(f"unsupported store dialect {name!r}")
-
-
-@contextmanager
-def _guard(what: str) -> Iterator[None]:
-    """Turn database errors into StoreUnavailableError (type only: driver text can hold hosts/users)."""
-    try:
-        yield
-    except (DBAPIError, SQLAlchemyError) as exc:
-        orig = exc.orig if isinstance(exc, DBAPIError) else exc
-        raise StoreUnavailableError(f"{what} failed: {type(orig).__name__}") from exc
-
-
 def _member(column: Any, name: str, pg: bool) -> Any:
     """``column IN (:name)``: one array parameter on PostgreSQL (a constant statement text that
     psycopg can prepare), an expanding IN elsewhere."""
@@ -166,8 +145,8 @@ def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]
         yield items[i : i + size]
 
 
-class EventStore:
-    """Repository over the gateway store.
+class EventStore(SourceStatusRepository):
+    """Repository over the gateway store (source status methods: :class:`SourceStatusRepository`).
 
     Args:
         engine: SQLAlchemy engine of the store (migrated to head).
@@ -624,6 +603,57 @@ class EventStore:
         with _guard('add_dead_letter'), self.engine.begin() as conn:
             res = conn.execute(dead_letters.insert().values(**row))
             return int(res.inserted_primary_key[0])
+
+    def add_dead_letter_once(
+        self,
+        *,
+        stage: str,
+        error_class: str,
+        reason: str,
+        payload: str | None,
+        source_name: str | None = None,
+        same: Callable[[str | None, str | None], bool] | None = None,
+    ) -> tuple[int, bool]:
+        """Park an item unless an equal dead letter exists; for errors that repeat on every attempt.
+
+        Existing rows are looked up by ``stage``, ``source_name``, ``error_class`` and ``reason``
+        in the same transaction as the insert; among those, one whose payload is ``same`` as
+        ``payload`` (default: equal text) counts as the same dead letter.
+
+        Args:
+            stage: ``source`` | ``relay`` | ``scoring`` | ``ingest``.
+            error_class: the error's class name.
+            reason: the error message (truncated like :meth:`add_dead_letter` does).
+            payload: the item, JSON text.
+            source_name: the source, if any.
+            same: ``same(existing_payload, payload)``; compare only the fields that identify the
+                item (for example the cursor), not volatile ones.
+
+        Returns:
+            The dead letter's id and whether it was created now (``False``: it existed already).
+        """
+        row = self._dead_row(
+            self._clock(), stage=stage, error_class=error_class, reason=reason, payload=payload,
+            source_name=source_name,
+        )
+        match = same or (lambda old, new: old == new)
+        dl = dead_letters.c
+        query = (
+            select(dl.id, dl.payload)
+            .where(
+                dl.stage == stage,
+                dl.source_name.is_(None) if source_name is None else dl.source_name == source_name,
+                dl.error_class == error_class,
+                dl.reason == row["reason"],
+            )
+            .order_by(dl.id.desc())
+        )
+        with _guard("add_dead_letter_once"), self.engine.begin() as conn:
+            for existing_id, existing_payload in conn.execute(query).all():
+                if match(existing_payload, payload):
+                    return int(existing_id), False
+            res = conn.execute(dead_letters.insert().values(**row))
+            return int(res.inserted_primary_key[0]), True
 
     @staticmethod
     def _dead_row(now: datetime, **fields: Any) -> dict[str, Any]:

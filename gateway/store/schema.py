@@ -17,7 +17,18 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-__all__ = ["metadata", "events", "source_cursors", "scores", "dead_letters", "EVENT_PENDING", "EVENT_PUBLISHED"]
+__all__ = [
+    "metadata",
+    "events",
+    "source_cursors",
+    "source_status",
+    "scores",
+    "dead_letters",
+    "EVENT_PENDING",
+    "EVENT_PUBLISHED",
+    "DESIRED_RUNNING",
+    "DESIRED_PAUSED",
+]
 
 metadata = MetaData(
     naming_convention={
@@ -32,6 +43,10 @@ _SEQ = BigInteger().with_variant(Integer(), "sqlite")
 
 EVENT_PENDING = "pending"
 EVENT_PUBLISHED = "published"
+
+#: Operator wishes for a source (``source_status.desired_state``).
+DESIRED_RUNNING = "running"
+DESIRED_PAUSED = "paused"
 
 #: Events, which are also the outbox: ``status`` moves pending -> published on the broker's ack.
 events = Table(
@@ -67,6 +82,34 @@ source_cursors = Table(
     Column("epoch", BigInteger, nullable=False, default=0, comment="Fencing epoch of the writer"),
     Column("updated_at", UTCDateTime(), nullable=False),
     Column("events_total", BigInteger, nullable=False, default=0),
+)
+
+#: What each source's runner last reported, plus the operator's wishes and the drift baseline.
+#: The runner writes the runtime columns; ``desired_*`` belong to operator commands and
+#: ``fingerprint*`` to the drift baseline, and a runner's status write never touches them.
+source_status = Table(
+    "source_status",
+    metadata,
+    Column("source_name", String(128), primary_key=True),
+    Column("state", String(32), nullable=False, comment="Runner state (idle, polling, paused, failed...)"),
+    Column("owner", String(255), nullable=True, comment="hostname:pid:runner-id of the reporting runner"),
+    Column("epoch", BigInteger, nullable=True, comment="Fencing epoch of the reporting runner"),
+    Column("last_poll_at", UTCDateTime(), nullable=True),
+    Column("last_error", Text, nullable=True),
+    Column("polls", BigInteger, nullable=False, default=0, comment="Since the reporting runner started"),
+    Column("events_accepted", BigInteger, nullable=False, default=0),
+    Column("duplicates", BigInteger, nullable=False, default=0),
+    Column("rejected", BigInteger, nullable=False, default=0),
+    Column("breaker", JSON, nullable=True, comment="Circuit breaker snapshot"),
+    Column("fingerprint", String(255), nullable=True, comment="Baseline digest of the source's schema"),
+    Column("fingerprint_parts", JSON, nullable=True, comment="Baseline: part name -> digest"),
+    Column("fingerprint_at", UTCDateTime(), nullable=True),
+    Column("drift", JSON, nullable=True, comment="Current schema drift against the baseline, or null"),
+    Column("desired_state", String(16), nullable=False, default=DESIRED_RUNNING, server_default=DESIRED_RUNNING),
+    Column("desired_generation", BigInteger, nullable=False, default=0, server_default="0",
+           comment="Bumped by every operator command; a failed source resumes on a newer one"),
+    Column("desired_at", UTCDateTime(), nullable=True, comment="Time of the last operator command"),
+    Column("updated_at", UTCDateTime(), nullable=False),
 )
 
 #: Scores, idempotent per (event, model, version).

@@ -10,11 +10,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from gateway.api.deps import BusDep, MetricsDep, StoreDep
+from gateway.api.deps import BusDep, MetricsDep, SettingsDep, StoreDep
 from gateway.api.problems import PROBLEM_TYPE_BASE, problem_response, problem_responses, redact
-from gateway.api.schemas import CheckResult, Liveness, Readiness
+from gateway.api.schemas import CheckResult, Liveness, Readiness, SourceBreaker, SourceReadiness
 from gateway.bus.protocols import Bus
-from gateway.store import EventStore
+from gateway.store import EventStore, StoredSourceStatus
 
 __all__ = ["router", "CHECK_TIMEOUT_SECONDS"]
 
@@ -55,19 +55,71 @@ async def _bounded(fn: Any, arg: Any) -> CheckResult:
     return CheckResult(ok=False, detail=f"no answer within {CHECK_TIMEOUT_SECONDS:g} s")
 
 
+#: Longest ``last_error`` shown per source in ``/readyz``.
+_ERROR_CHARS = 300
+
+
+def _source_readiness(row: StoredSourceStatus | None) -> SourceReadiness:
+    if row is None:
+        return SourceReadiness(state="unknown")
+    snap = row.breaker or {}
+    breaker = None
+    if snap.get("state"):
+        breaker = SourceBreaker(
+            name=snap.get("name"),
+            state=str(snap["state"]),
+            failure_rate=snap.get("failure_rate"),
+            retry_after=snap.get("retry_after"),
+        )
+    error = redact(row.last_error)[:_ERROR_CHARS] if row.last_error else None
+    return SourceReadiness(
+        state=row.state,
+        desired_state=row.desired_state,
+        breaker=breaker,
+        last_error=error,
+        updated_at=row.updated_at,
+        drift=row.drift_detected,
+    )
+
+
+def _sources_detail(args: tuple[EventStore, list[str]]) -> dict[str, SourceReadiness]:
+    """Per source (configured, or known to the store): its persisted status."""
+    store, configured = args
+    rows = {r.source_name: r for r in store.list_source_status()}
+    return {name: _source_readiness(rows.get(name)) for name in sorted(set(configured) | set(rows))}
+
+
+async def _bounded_sources(store: EventStore, configured: list[str]) -> dict[str, SourceReadiness]:
+    """:func:`_sources_detail` within the check timeout; empty when it fails or takes too long."""
+    with anyio.move_on_after(CHECK_TIMEOUT_SECONDS):
+        try:
+            return await anyio.to_thread.run_sync(_sources_detail, (store, configured), abandon_on_cancel=True)
+        except Exception as exc:  # noqa: BLE001 -- detail only: never fails the readiness answer
+            log.warning("readyz: source status unavailable (%s)", type(exc).__name__)
+            return {}
+    return {}
+
+
 @router.get(
     "/readyz",
     response_model=Readiness,
     responses=problem_responses(503),
-    summary="Readiness: store (and bus, when configured) reachable",
+    summary="Readiness: store (and bus, when configured) reachable; per-source status as detail",
 )
-async def readyz(request: Request, store: StoreDep, bus: BusDep) -> Response:
-    """200 when the store answers and the bus (if any) is healthy; else a 503 problem listing checks."""
+async def readyz(request: Request, store: StoreDep, bus: BusDep, settings: SettingsDep) -> Response:
+    """200 when the store answers and the bus (if any) is healthy; else a 503 problem listing checks.
+
+    ``sources`` shows each source's persisted status (state, breaker, last error, drift). It is
+    detail only: a broken legacy endpoint must not take the API out of its load balancer.
+    """
     checks: dict[str, CheckResult] = {"store": await _bounded(_store_check, store)}
     if bus is not None:
         checks["bus"] = await _bounded(_bus_check, bus)
+    sources: dict[str, SourceReadiness] = {}
+    if checks["store"].ok:
+        sources = await _bounded_sources(store, [s.name for s in settings.sources])
     if all(c.ok for c in checks.values()):
-        return JSONResponse(Readiness(status="ready", checks=checks).model_dump())
+        return JSONResponse(Readiness(status="ready", checks=checks, sources=sources).model_dump(mode="json"))
     failing = ", ".join(f"{name}: {c.detail}" for name, c in checks.items() if not c.ok)
     return problem_response(
         request,
@@ -77,6 +129,7 @@ async def readyz(request: Request, store: StoreDep, bus: BusDep) -> Response:
         detail=failing,
         headers={"Retry-After": "5"},
         checks={name: c.model_dump() for name, c in checks.items()},
+        sources={name: v.model_dump(mode="json") for name, v in sources.items()},
     )
 
 
