@@ -11,6 +11,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -21,21 +22,24 @@ from adapters.soap import SoapSource  # noqa: E402
 from adapters.soap.simulator import T0, SoapSimulator  # noqa: E402
 
 
-def per_record(fn, records: int, rounds: int) -> float:  # type: ignore[no-untyped-def]
-    """Median seconds per record over ``rounds`` calls of ``fn``."""
-    fn()  # warm-up
-    samples = []
+def per_record(fns: dict[str, Callable[[], None]], records: int, rounds: int) -> dict[str, float]:
+    """Median seconds per record of each function; rounds alternate between them so machine noise
+    (other processes, CPU frequency) hits both sides alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
-        t = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t) / records)
-    return statistics.median(samples)
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - t) / records)
+    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--page", type=int, default=100)
-    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=60)
     args = ap.parse_args()
     with SoapSimulator() as sim:
         sim.add_orders(args.page)
@@ -59,8 +63,8 @@ def main() -> None:
             batch = adapter.fetch(None, args.page)
             assert len(batch.records) == args.page
 
-        raw_s = per_record(raw, args.page, args.rounds)
-        our_s = per_record(ours, args.page, args.rounds)
+        medians = per_record({"raw": raw, "ours": ours}, args.page, args.rounds)
+        raw_s, our_s = medians["raw"], medians["ours"]
         adapter.close()
     print(f"\n## SOAP adapter vs raw zeep ({args.page} records per call, median of {args.rounds})\n")
     print("| path | µs per record |")

@@ -8,6 +8,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -121,25 +123,146 @@ def db_upgrade(config: ConfigOpt = None, revision: str = "head") -> None:
     engine.dispose()
 
 
-@sources_app.command("list")
-def sources_list(config: ConfigOpt = None) -> None:
-    """List configured sources with their committed cursors."""
+def _source_store(settings: Settings) -> Any:
+    """The store for the sources commands, migrated when ``store.auto_migrate`` (dispose its engine)."""
     from gateway.store import EventStore, engine_from_settings
     from gateway.store.migrate import upgrade
 
-    settings = _settings(config)
     engine = engine_from_settings(settings.store)
     if settings.store.auto_migrate:
         upgrade(engine)
-    cursors = {c.source_name: c for c in EventStore(engine).list_cursors()}
-    typer.echo(f"{'NAME':24} {'ADAPTER':10} {'ENABLED':8} {'EVENTS':>8}  {'UPDATED':27} CURSOR")
+    return EventStore(engine)
+
+
+def _short(text: str | None, width: int) -> str:
+    """One line of at most ``width`` characters (``-`` for none)."""
+    if not text:
+        return "-"
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: width - 1] + "~"
+
+
+def _stamp(value: Any) -> str:
+    """A timestamp to the second, UTC (``-`` for none)."""
+    return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value is not None else "-"
+
+
+@sources_app.command("list")
+def sources_list(
+    config: ConfigOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print every source's full status as JSON.")] = False,
+) -> None:
+    """List configured sources with their state, breaker, events, last poll, last error and drift.
+
+    The state is what the source's runner last wrote to the store (any process); see
+    docs/operations.md for the states.
+    """
+    from gateway.events.jsonsafe import dumps, jsonable
+
+    settings = _settings(config)
+    store = _source_store(settings)
+    try:
+        cursors = {c.source_name: c for c in store.list_cursors()}
+        statuses = {s.source_name: s for s in store.list_source_status()}
+    finally:
+        store.engine.dispose()
+    if as_json:
+        out = []
+        for src in settings.sources:
+            c, st = cursors.get(src.name), statuses.get(src.name)
+            item: dict[str, Any] = {"name": src.name, "adapter": src.adapter, "enabled": src.enabled}
+            item.update(st.to_dict() if st else {"state": None})
+            item.pop("source_name", None)
+            item["drift_detected"] = bool(st and st.drift_detected)
+            item["cursor"] = c.cursor if c else None
+            item["events_total"] = c.events_total if c else 0
+            item["cursor_updated_at"] = c.updated_at if c else None
+            out.append(jsonable(item))
+        typer.echo(dumps(out).decode())
+        return
+    typer.echo(
+        f"{'NAME':24} {'ADAPTER':10} {'ENABLED':8} {'STATE':18} {'BREAKER':9} {'EVENTS':>8}  "
+        f"{'LAST-POLL':20} {'DRIFT':5} LAST-ERROR"
+    )
     for src in settings.sources:
-        c = cursors.get(src.name)
+        c, st = cursors.get(src.name), statuses.get(src.name)
+        state = st.state if st else "-"
+        if st and st.desired_state == "paused" and st.state != "paused-by-operator":
+            state += "*"  # a pause was requested and not yet observed
+        breaker = (st.breaker or {}).get("state", "-") if st else "-"
+        drift = ("yes" if st.drift_detected else "no") if st and st.fingerprint else "-"
         typer.echo(
-            f"{src.name:24} {src.adapter:10} {str(src.enabled).lower():8} {(c.events_total if c else 0):>8}  "
-            f"{(c.updated_at.isoformat() if c else '-'):27} {c.cursor if c else '-'}"
+            f"{src.name:24} {src.adapter:10} {str(src.enabled).lower():8} {state:18} {breaker:9} "
+            f"{(c.events_total if c else 0):>8}  {_stamp(st.last_poll_at if st else None):20} {drift:5} "
+            f"{_short(st.last_error if st else None, 60)}"
         )
-    engine.dispose()
+
+
+@contextmanager
+def _source_command(config: Path | None, name: str) -> Iterator[tuple[Settings, Any]]:
+    """Settings and store for a command on source ``name``: exit 2 (listing the configured names)
+    unless it is configured; the store's engine is disposed afterwards."""
+    settings = _settings(config)
+    try:
+        settings.source(name)
+    except ConfigurationError as exc:
+        _fail(str(exc))
+    store = _source_store(settings)
+    try:
+        yield settings, store
+    finally:
+        store.engine.dispose()
+
+
+@sources_app.command("pause")
+def sources_pause(
+    name: Annotated[str, typer.Argument(help="Source name from the configuration.")],
+    config: ConfigOpt = None,
+) -> None:
+    """Stop polling a source (its runner observes it within sources[].status_interval) until resumed."""
+    with _source_command(config, name) as (settings, store):
+        store.set_source_desired_state(name, "paused")
+    interval = settings.source(name).status_interval
+    typer.echo(f"source {name!r}: pause requested; its runner stops polling within {interval:g} s "
+               f"(state paused-by-operator). Resume with `gateway sources resume {name}`.")
+
+
+@sources_app.command("resume")
+def sources_resume(
+    name: Annotated[str, typer.Argument(help="Source name from the configuration.")],
+    config: ConfigOpt = None,
+) -> None:
+    """Let a paused, failed or drift-stopped source poll again (from its committed cursor)."""
+    with _source_command(config, name) as (_, store):
+        row = store.set_source_desired_state(name, "running")
+    note = ""
+    if row.state == "failed":
+        note = " It retries the read that failed; if the error repeats it stops again (no second dead letter)."
+    elif row.state == "drift-stopped":
+        note = " The drift stays reported; `gateway sources accept-drift` makes it the new baseline."
+    typer.echo(f"source {name!r}: resume requested (was {row.state}).{note}")
+
+
+@sources_app.command("accept-drift")
+def sources_accept_drift(
+    name: Annotated[str, typer.Argument(help="Source name from the configuration.")],
+    config: ConfigOpt = None,
+) -> None:
+    """Make the source's current schema fingerprint the baseline, clear the drift and resume it."""
+    with _source_command(config, name) as (_, store):
+        row = store.get_source_status(name)
+        drift = row.drift if row else None
+        if not drift:
+            typer.echo(f"source {name!r}: no drift recorded; nothing to accept.")
+            return
+        store.set_fingerprint_baseline(name, drift["current"], drift.get("current_parts") or {})
+        # Resume a drift-stopped source; never lift an operator's pause as a side effect.
+        resume = row is not None and row.state == "drift-stopped" and row.desired_state == "running"
+        if resume:
+            store.set_source_desired_state(name, "running")
+    changed = ", ".join(drift.get("changed") or []) or "-"
+    typer.echo(f"source {name!r}: fingerprint {drift['current']} is the new baseline (changed: {changed}); "
+               f"drift cleared{', source resumed' if resume else ''}.")
 
 
 @sources_app.command("test")
@@ -178,7 +301,7 @@ def sources_test(
     try:
         adapter.open()
         batch = adapter.fetch(cursor, limit)
-    except Exception as exc:  # noqa: BLE001 -- shown to the operator, classified like the runner does
+    except Exception as exc:
         err = adapter.classify_error(exc)
         _fail(f"source {name!r}: {type(err).__name__}: {err}", 1)
         raise
@@ -255,7 +378,13 @@ def demo(
     log_level: LogOpt = "warning",
 ) -> None:
     """Legacy rows become scored events: a self-contained demo (SQLite + in-process bus by default)."""
-    from gateway.demo import LegacyWriter, create_legacy_db, demo_settings
+    from gateway.demo import (
+        LegacyWriter,
+        SoapOrderWriter,
+        create_legacy_db,
+        demo_settings,
+        start_soap_service,
+    )
     from gateway.runtime import Gateway
 
     _setup_logging(log_level)
@@ -265,7 +394,12 @@ def demo(
     typer.echo(f"legacy-gateway demo -- working in {folder}")
     next_id = create_legacy_db(legacy_url, rows)
     typer.echo(f"  legacy database: {rows} card transactions in {folder / 'legacy.db'} (about 2% anomalies)")
-    settings = _settings(None, **demo_settings(folder, port=port, store_url=store_url, amqp_url=amqp_url))
+    orders = max(rows // 5, 10)
+    sim = start_soap_service(orders)
+    typer.echo(f"  legacy SOAP service: {orders} orders at {sim.endpoint} (WSDL: {sim.wsdl_url})")
+    settings = _settings(
+        None, **demo_settings(folder, port=port, store_url=store_url, amqp_url=amqp_url, soap_wsdl=sim.wsdl_url)
+    )
     typer.echo(f"  store: {'SQLite' if settings.store.url.get_secret_value().startswith('sqlite') else 'external'}; "
                f"bus: {'RabbitMQ' if settings.bus.url else 'in-process'}")
     stop = threading.Event()
@@ -276,8 +410,10 @@ def demo(
         gw.store.set_cursor(src.name, None)  # a fresh legacy database: read it from the start
     gw.start()
     writer = LegacyWriter(legacy_url, next_id)
-    wthread = threading.Thread(target=writer.run, args=(stop,), daemon=True)
-    wthread.start()
+    soap_writer = SoapOrderWriter(sim, orders + 1)
+    wthreads = [threading.Thread(target=w.run, args=(stop,), daemon=True) for w in (writer, soap_writer)]
+    for t in wthreads:
+        t.start()
     if gw.api_server is not None:
         for _ in range(50):
             if gw.api_server.started:
@@ -290,16 +426,21 @@ def demo(
         while not stop.wait(1.0):
             s = gw.store.stats()
             typer.echo(
-                f"  [{time.monotonic() - t0:5.1f}s] legacy rows {rows + writer.written:6d} (+{writer.updated} updated) | events {s['events']:6d} "
+                f"  [{time.monotonic() - t0:5.1f}s] legacy rows {rows + writer.written:6d} (+{writer.updated} updated) "
+                f"| SOAP orders {orders + soap_writer.written:5d} (+{soap_writer.updated}) | events {s['events']:6d} "
                 f"| published {s['published']:6d} | scored {s['scores']:6d} | dead letters {s['dead_letters']}"
             )
             if time.monotonic() - t0 >= seconds:
                 break
     finally:
         stop.set()
-        wthread.join(5)
+        for t in wthreads:
+            t.join(5)
         top = gw.store.top_scored(10)
+        totals = gw.store.list_cursors()
         gw.stop()
+        sim.close()
+    typer.echo("\nEvents per source: " + ", ".join(f"{c.source_name} {c.events_total}" for c in totals))
     typer.echo("\nTop-scored events (the anomaly model learned from the stream, no training data):")
     typer.echo(f"  {'SCORE':>6}  {'SUBJECT':18} {'AMOUNT':>10} {'COUNTRY':7} {'CHANNEL':7} WHY")
     for score, ev in top:

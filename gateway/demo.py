@@ -10,15 +10,25 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Column, DateTime, Integer, MetaData, Numeric, String, Table, create_engine, insert, update
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    Numeric,
+    String,
+    Table,
+    create_engine,
+    insert,
+    update,
+)
 
-__all__ = ["create_legacy_db", "LegacyWriter", "demo_settings"]
+__all__ = ["create_legacy_db", "LegacyWriter", "SoapOrderWriter", "demo_settings", "start_soap_service"]
 
 _META = MetaData()
 TRANSACTIONS = Table(
@@ -108,36 +118,122 @@ class LegacyWriter:
         self._engine.dispose()
 
 
-def demo_settings(workdir: Path, *, port: int, store_url: str | None, amqp_url: str | None) -> dict[str, Any]:
-    """Settings of the demo pipeline (a dict for ``load_settings`` overrides)."""
+def start_soap_service(orders: int, seed: int = 13) -> Any:
+    """Start the legacy SOAP order service simulator on a free loopback port with ``orders`` orders.
+
+    Returns the running :class:`~adapters.soap.simulator.SoapSimulator` (close it when done).
+    """
+    from adapters.soap.simulator import SoapSimulator
+
+    sim = SoapSimulator().start()
+    rng = random.Random(seed)
+    start = datetime.now(timezone.utc) - timedelta(hours=1)
+    for i in range(1, orders + 1):
+        sim.upsert(_order(rng, i, start + timedelta(seconds=i)))
+    return sim
+
+
+def _order(rng: random.Random, oid: int, when: datetime) -> Any:
+    from adapters.soap.simulator import Order
+
+    amount = rng.lognormvariate(4.0, 0.5) * (rng.uniform(30, 60) if rng.random() < 0.02 else 1.0)
+    lines = tuple((f"SKU-{rng.randint(1, 40):03d}", rng.randint(1, 5)) for _ in range(rng.randint(1, 3)))
+    return Order(id=oid, customer=f"C{rng.randint(1, 150):04d}", amount=Decimal(f"{amount:.2f}"),
+                 updated_at=when, currency="EUR", lines=lines)
+
+
+class SoapOrderWriter:
+    """Keeps the SOAP service busy: new orders, and a few shipped (updated) ones."""
+
+    def __init__(self, sim: Any, next_id: int, per_second: float = 8.0, seed: int = 17) -> None:
+        self._sim, self._next, self._rate = sim, next_id, per_second
+        self._rng = random.Random(seed)
+        self.written = 0
+        self.updated = 0
+
+    def run(self, stop: threading.Event) -> None:
+        """Write until ``stop`` is set."""
+        while not stop.wait(0.5):
+            # Each change gets its own timestamp, as a service's "last changed" column does.
+            for _ in range(max(1, int(self._rate / 2))):
+                self._sim.upsert(_order(self._rng, self._next, datetime.now(timezone.utc)))
+                self._next += 1
+                self.written += 1
+            if self._rng.random() < 0.5 and self._next > 10:
+                victim = self._rng.randint(1, self._next - 1)
+                self._sim.update(victim, status="SHIPPED", updated_at=datetime.now(timezone.utc))
+                self.updated += 1
+
+
+def demo_settings(
+    workdir: Path, *, port: int, store_url: str | None, amqp_url: str | None, soap_wsdl: str | None = None
+) -> dict[str, Any]:
+    """Settings of the demo pipeline (a dict for ``load_settings`` overrides).
+
+    With ``soap_wsdl`` (the simulator's WSDL URL) the demo also polls the legacy SOAP order service.
+    """
+    sources = [_sql_source(workdir)]
+    if soap_wsdl:
+        sources.append(_soap_source(soap_wsdl))
     return {
         "profile": "dev",
         "store": {"url": store_url or f"sqlite:///{workdir / 'gateway.db'}"},
         "bus": {"url": amqp_url, "prefix": "gateway-demo"},
         "api": {"port": port},
         "scoring": {"warmup": 50, "exclude_fields": ["txn_id", "account_no"]},
-        "sources": [
-            {
-                "name": "card-transactions",
-                "adapter": "sql",
-                "interval": 0.2,
-                "config": {
-                    "url": f"sqlite:///{workdir / 'legacy.db'}",
-                    "table": "card_transactions",
-                    "mode": "timestamp_key",
-                    "timestamp_column": "last_modified",
-                    "key_column": "txn_id",
-                    "batch_size": 500,
-                },
-                "mapping": {
-                    "type": "com.acme.cards.transaction.changed",
-                    "entity": "transaction",
-                    "key": ["txn_id"],
-                    "version": "last_modified",
-                    "time": "last_modified",
-                    "subject": "transaction/{txn_id}",
-                },
-            }
-        ],
+        "sources": sources,
     }
+
+
+def _sql_source(workdir: Path) -> dict[str, Any]:
+    return {
+        "name": "card-transactions",
+        "adapter": "sql",
+        "interval": 0.2,
+        "config": {
+            "url": f"sqlite:///{workdir / 'legacy.db'}",
+            "table": "card_transactions",
+            "mode": "timestamp_key",
+            "timestamp_column": "last_modified",
+            "key_column": "txn_id",
+            "batch_size": 500,
+        },
+        "mapping": {
+            "type": "com.acme.cards.transaction.changed",
+            "entity": "transaction",
+            "key": ["txn_id"],
+            "version": "last_modified",
+            "time": "last_modified",
+            "subject": "transaction/{txn_id}",
+        },
+    }
+
+
+def _soap_source(wsdl: str) -> dict[str, Any]:
+    return {
+        "name": "legacy-orders",
+        "adapter": "soap",
+        "interval": 0.5,
+        "config": {
+            "wsdl": wsdl,
+            "operation": "GetOrdersSince",
+            "arguments": {"since": "{cursor.time}", "pageToken": "{page_token}", "pageSize": "{page_size}"},
+            "records_path": "orders",
+            "next_page_token_path": "nextPageToken",
+            "key_field": "id",
+            "time_field": "updatedAt",
+            "page_size": 200,
+            "timeouts": {"connect": 2, "read": 5, "operation": 10},
+            "drift": {"check_interval": 30},
+        },
+        "mapping": {
+            "type": "com.acme.orders.order.changed",
+            "entity": "order",
+            "key": ["id"],
+            "version": "updatedAt",
+            "time": "updatedAt",
+            "subject": "order/{id}",
+        },
+    }
+
 

@@ -12,6 +12,7 @@ recorded. Error messages about rejected XML never contain the payload.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import posixpath
@@ -19,24 +20,29 @@ import re
 import time
 from collections import deque
 from collections.abc import Mapping
-from datetime import date, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote, urljoin, urlparse
 
 import requests
-import requests.auth
 from lxml import etree
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from zeep import Client, Settings
 from zeep import exceptions as zx
-from zeep.helpers import serialize_object
 from zeep.transports import Transport
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from zeep.xsd.valueobjects import CompoundValue
 
-from adapters.base import Batch, PollingSource, Record, SourceConfig
-from gateway.errors import ConfigurationError, GatewayError, PermanentError, TransientError
-from gateway.events import jsonable, parse_time, to_utc
+from adapters.base import Batch, Fingerprint, PollingSource, Record, SourceConfig
+from adapters.soap.auth import SoapAuth, configure
+from gateway.errors import (
+    ConfigurationError,
+    GatewayError,
+    PermanentError,
+    TransientError,
+)
+from gateway.events import format_time, jsonable, parse_time
 
 __all__ = [
     "GuardedTransport",
@@ -52,7 +58,7 @@ __all__ = [
 log = logging.getLogger("gateway.sources.soap")
 
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
-_KNOWN = frozenset({"cursor.time", "cursor.key", "page_token", "page_size"})
+_KNOWN = frozenset({"cursor.time", "cursor.key", "page_token", "page_size", "page_number"})
 _TRANSIENT_HTTP = frozenset({408, 429, 502, 503, 504})
 
 
@@ -68,22 +74,6 @@ class SoapTimeouts(BaseModel):
         60.0, gt=0, le=3600,
         description="Most seconds one SOAP call (connect, send, whole response) may take; never unlimited.",
     )
-
-
-class SoapAuth(BaseModel):
-    """How the adapter authenticates to the service."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    type: Literal["none", "basic"] = Field("none", description="none, or HTTP basic auth.")
-    username: str | None = Field(None, description="User name (basic).")
-    password: SecretStr | None = Field(None, description="Password (basic); use ${ENV} interpolation.")
-
-    @model_validator(mode="after")
-    def _basic_needs_credentials(self) -> SoapAuth:
-        if self.type == "basic" and (not self.username or self.password is None):
-            raise ValueError("auth type basic needs username and password")
-        return self
 
 
 def _check_placeholders(value: Any, where: str) -> None:
@@ -102,6 +92,19 @@ def _check_placeholders(value: Any, where: str) -> None:
             _check_placeholders(v, f"{where}[{i}]")
 
 
+class SoapDrift(BaseModel):
+    """WSDL/XSD drift detection: the documents are hashed at start and every ``check_interval``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    check_interval: float | None = Field(
+        3600.0, gt=0, description="Seconds between drift checks while running (null: only at start)."
+    )
+    on_drift: Literal["warn", "stop"] = Field(
+        "warn", description="warn: log and show the drift in the source status; stop: also stop polling the source."
+    )
+
+
 class SoapConfig(SourceConfig):
     """Settings of the ``soap`` adapter."""
 
@@ -118,8 +121,16 @@ class SoapConfig(SourceConfig):
     )
     records_path: str = Field(..., description="Dotted path of the record list in the response, e.g. 'orders'.")
     next_page_token_path: str | None = Field(
-        None, description="Dotted path of the next-page token in the response (none: no token paging)."
+        None, description="Dotted path of the next-page token in the response (paging: token)."
     )
+    paging: Literal["token", "page_number", "cursor"] | None = Field(
+        None,
+        description="How a scan is paged: token (next-page token at next_page_token_path), page_number "
+        "({page_number} from page_number_start until a page comes back empty) or cursor (each call asks "
+        "again from the newest record read; a full page means more). Default: token when "
+        "next_page_token_path is set, else cursor.",
+    )
+    page_number_start: int = Field(1, ge=0, le=1, description="Number of the first page (paging: page_number).")
     key_field: str = Field(..., description="Record field with the unique key (cursor tie-breaker).")
     time_field: str = Field(..., description="Record field with the last-change time (cursor).")
     page_size: int = Field(100, ge=1, le=10_000, description="Records asked for per call ({page_size}).")
@@ -128,10 +139,14 @@ class SoapConfig(SourceConfig):
     )
     auth: SoapAuth = Field(default_factory=SoapAuth, description="Authentication.")
     timeouts: SoapTimeouts = Field(default_factory=SoapTimeouts, description="Connect, read and operation timeouts.")
-    strict: bool = Field(
-        True, description="Strict XML/schema parsing; false parses non-conformant responses leniently "
-        "and flags their records as lenient.",
+    parsing: Literal["strict", "lenient", "strict_then_lenient"] = Field(
+        "strict",
+        description="strict: responses must match the schema; lenient: non-conformant responses are "
+        "parsed leniently; strict_then_lenient: strict first, and a response that fails schema "
+        "validation is parsed again leniently (no second call). Leniently parsed records are flagged "
+        "'lenient' in their lineage.",
     )
+    drift: SoapDrift = Field(default_factory=lambda: SoapDrift(), description="WSDL/XSD drift detection.")
     transient_fault_codes: list[str] = Field(
         default_factory=list,
         description="Fault codes (faultcode local name or detail errorCode) to retry like transient errors.",
@@ -146,6 +161,21 @@ class SoapConfig(SourceConfig):
     def _placeholders(cls, v: dict[str, Any]) -> dict[str, Any]:
         _check_placeholders(v, "")
         return v
+
+    @model_validator(mode="after")
+    def _paging(self) -> SoapConfig:
+        if self.paging is None:
+            self.paging = "token" if self.next_page_token_path else "cursor"
+        if self.paging == "token" and not self.next_page_token_path:
+            raise ValueError("paging token needs next_page_token_path")
+        if self.paging != "token" and self.next_page_token_path:
+            raise ValueError(f"next_page_token_path is only used with paging token (paging is {self.paging})")
+        uses_number = "{page_number}" in repr(self.arguments)
+        if self.paging == "page_number" and not uses_number:
+            raise ValueError("paging page_number needs a {page_number} placeholder in arguments")
+        if self.paging != "page_number" and uses_number:
+            raise ValueError(f"the {{page_number}} placeholder needs paging page_number (paging is {self.paging})")
+        return self
 
     @field_validator("start_time")
     @classmethod
@@ -169,6 +199,11 @@ class SoapFaultError(PermanentError):
         self.fault_code = fault_code
         self.fault_string = fault_string
         self.detail_code = detail_code
+
+    @property
+    def details(self) -> dict[str, str | None]:
+        """The fault's code, text and detail code (stored with the dead letter)."""
+        return {"fault_code": self.fault_code, "fault_string": self.fault_string, "detail_code": self.detail_code}
 
 
 class LoadRefused(Exception):
@@ -269,8 +304,8 @@ class GuardedTransport(Transport):  # type: ignore[misc]
                     raise ResponseTooLarge(f"response larger than {self.max_bytes} bytes")
                 if time.monotonic() > deadline:
                     raise requests.exceptions.Timeout(f"operation timeout ({op:g} s) exceeded")
-            resp._content = bytes(buf)  # noqa: SLF001 -- the documented way to pre-load a body
-            resp._content_consumed = True  # noqa: SLF001
+            resp._content = bytes(buf)
+            resp._content_consumed = True
         finally:
             resp.close()
         return resp
@@ -280,34 +315,38 @@ class GuardedTransport(Transport):  # type: ignore[misc]
 def to_plain(value: Any) -> Any:
     """zeep results as JSON-safe data: exact decimals (text), UTC ISO-8601 datetimes, nil as None.
 
-    Runs ``zeep.helpers.serialize_object`` first, then normalizes: naive datetimes are read as UTC,
-    durations become ISO-8601 durations, leftover XML elements (lenient parsing) become
-    ``{"tag", "text"}``; :func:`gateway.events.jsonable` does the rest.
+    One pass over zeep's objects (what ``zeep.helpers.serialize_object`` and
+    :func:`gateway.events.jsonable` would do in two): nested types become objects, repeated
+    elements lists, naive datetimes are read as UTC, durations become ISO-8601 durations, leftover
+    XML elements (lenient parsing) become ``{"tag", "text"}``.
     """
-    return jsonable(_normalize(serialize_object(value, target_cls=dict)))
+    return _plain(value)
 
 
-def _normalize(value: Any) -> Any:
-    if value is None or isinstance(value, (str, bool, int, float, Decimal)):
+def _plain(value: Any) -> Any:
+    t = type(value)
+    if value is None or t is str or t is int or t is bool:
         return value
+    if isinstance(value, CompoundValue):
+        return {k: _plain(v) for k, v in value.__values__.items()}
+    if t is list or isinstance(value, (list, tuple, deque)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Decimal):
+        return str(value)
     if isinstance(value, datetime):
-        return to_utc(value)
-    if isinstance(value, date):
-        return value
+        return format_time(value)
     if isinstance(value, Mapping):
-        return {str(k): _normalize(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, deque)):
-        return [_normalize(v) for v in value]
+        return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, timedelta):
         import isodate
 
         return isodate.duration_isoformat(value)
-    if isinstance(value, etree._Element):  # noqa: SLF001 -- lenient parsing leaves raw elements
+    if isinstance(value, etree._Element):
         return {"tag": etree.QName(value).localname, "text": value.text}
     if isinstance(value, etree.QName):
         return value.text
     try:
-        return jsonable(value)
+        return jsonable(value)  # floats, dates, times, bytes, enums, str and int subclasses
     except TypeError:
         return str(value)
 
@@ -359,11 +398,14 @@ class SoapSource(PollingSource[SoapConfig]):
         self.client: Any = None
         self.transport: Any = None
         self._service: Any = None
+        self._binding: Any = None
+        self._operation: Any = None
+        self._address: str | None = None
 
     # ---------------------------------------------------------------- lifecycle
     def _settings(self) -> Any:
         return Settings(
-            strict=self.config.strict,
+            strict=self.config.parsing != "lenient",
             xml_huge_tree=False,
             forbid_dtd=True,
             forbid_entities=True,
@@ -377,9 +419,7 @@ class SoapSource(PollingSource[SoapConfig]):
         cfg = self.config
         session = requests.Session()
         session.trust_env = cfg.use_env_proxies
-        if cfg.auth.type == "basic":
-            assert cfg.auth.password is not None
-            session.auth = requests.auth.HTTPBasicAuth(cfg.auth.username or "", cfg.auth.password.get_secret_value())
+        wsse = configure(session, cfg.auth)  # basic auth, client certificate, server trust; wsse token or None
         allowed = _allowed_prefix(cfg.wsdl)
         t = cfg.timeouts
         transport = GuardedTransport(
@@ -391,19 +431,21 @@ class SoapSource(PollingSource[SoapConfig]):
             raise ConfigurationError(f"source {self.source_name!r}: config.wsdl: no such file {norm}")
         failure: BaseException | None = None
         try:
-            client = Client(wsdl, transport=transport, settings=self._settings())
+            client = Client(wsdl, transport=transport, settings=self._settings(), wsse=wsse)
             service, port = self._select(client)
             binding = port.binding
-            if cfg.operation not in binding._operations:  # noqa: SLF001 -- zeep has no public accessor
+            if cfg.operation not in binding._operations:
                 raise ConfigurationError(
                     f"source {self.source_name!r}: config.operation: no operation {cfg.operation!r} in port "
-                    f"{port.name!r} (operations: {', '.join(sorted(binding._operations))})"  # noqa: SLF001
+                    f"{port.name!r} (operations: {', '.join(sorted(binding._operations))})"
                 )
             address = cfg.endpoint or port.binding_options.get("address")
             if not address:
                 raise ConfigurationError(f"source {self.source_name!r}: port {port.name!r} has no address; set config.endpoint")
             self._service = client.create_service(binding.name, address)
-        except Exception as exc:  # noqa: BLE001 -- classified below
+            self._binding, self._operation = binding, binding.get(cfg.operation)
+            self._address = address
+        except Exception as exc:
             failure = exc
         if failure is not None:
             session.close()
@@ -432,6 +474,40 @@ class SoapSource(PollingSource[SoapConfig]):
         port = service.ports[cfg.port] if cfg.port else next(iter(service.ports.values()))
         return service, port
 
+    # ---------------------------------------------------------------- breaker and drift
+    def breaker_key(self) -> str:
+        """One breaker per endpoint: sources calling the same endpoint share it."""
+        return f"soap:{self._address}" if self._address else super().breaker_key()
+
+    @property
+    def drift_check_interval(self) -> float | None:
+        return self.config.drift.check_interval
+
+    @property
+    def stop_on_drift(self) -> bool:
+        return self.config.drift.on_drift == "stop"
+
+    def fingerprint(self) -> Fingerprint:
+        """SHA-256 of the WSDL and of every document it imports or includes, fetched again now.
+
+        Documents are loaded through the guarded transport (same allowlist, timeouts and size cap
+        as at start) and parsed with a hardened parser only to find their imports
+        (``wsdl:import/@location``, ``xs:import|xs:include|xs:redefine/@schemaLocation``).
+        """
+        self.open()
+        kind, norm = _location(self.config.wsdl)
+        parts: dict[str, str] = {}
+        todo = [norm if kind == "file" else self.config.wsdl]
+        while todo:
+            loc = todo.pop()
+            key = _location(loc)[1]
+            if key in parts:
+                continue
+            data = self.transport.load(loc)
+            parts[key] = hashlib.sha256(data).hexdigest()
+            todo.extend(_imports(data, loc))
+        return Fingerprint.from_parts(parts)
+
     def close(self) -> None:
         """Close the HTTP session."""
         if self.transport is not None:
@@ -440,30 +516,37 @@ class SoapSource(PollingSource[SoapConfig]):
 
     # ---------------------------------------------------------------- reading
     def fetch(self, cursor: Any, limit: int) -> Batch:
-        """Call the operation for the next page after ``cursor`` (one page per call)."""
+        """Call the operation for the next page after ``cursor`` (one page per call).
+
+        A *scan* reads everything changed since the cursor's ``(time, key)``, over one or more pages.
+        While a scan is being paged, the cursor also holds the scan's start (``since``,
+        ``since_key``) and the next page (``page_token`` or ``page``), so a restart resumes at the
+        next page. Records at or before the scan's start are dropped (``since`` is inclusive on many
+        services); records are *not* filtered against the newest record of earlier pages, so a
+        service that does not sort by time loses nothing.
+        """
         self.open()
         cfg = self.config
         cur: dict[str, Any] = dict(cursor or {})
+        in_scan = "page_token" in cur or "page" in cur
+        scan_time = (cur.get("since") if in_scan else cur.get("time")) or cfg.start_time
+        scan_key = cur.get("since_key") if in_scan else cur.get("key")
         token = cur.get("page_token")
-        scan_time = (cur.get("since") if token else cur.get("time")) or cfg.start_time
-        scan_key = cur.get("since_key") if token else cur.get("key")
+        page_number = int(cur.get("page") or cfg.page_number_start)
         page_size = min(cfg.page_size, limit)
         args = _substitute(
             cfg.arguments,
-            {"cursor.time": scan_time, "cursor.key": scan_key, "page_token": token, "page_size": page_size},
+            {
+                "cursor.time": scan_time, "cursor.key": scan_key, "page_token": token,
+                "page_size": page_size, "page_number": page_number,
+            },
         )
-        failure: BaseException | None = None
-        result: Any = None
-        try:
-            result = self._service[cfg.operation](**args)
-        except Exception as exc:  # noqa: BLE001 -- classified below, outside the handler
-            failure = exc
-        if failure is not None:
-            err = self.classify_error(failure)
-            failure = None  # drop the native error (it may hold the payload)
-            raise err
+        result, lenient = self._call(args)
         try:
             data = to_plain(result)
+            if not isinstance(data, Mapping) and data is not None:
+                # zeep returns the only child of a response element unwrapped: it is the path's head.
+                data = {cfg.records_path.split(".", 1)[0]: data}
             raw_records = _dig(data, cfg.records_path)
             next_token = _dig(data, cfg.next_page_token_path) if cfg.next_page_token_path else None
         except ContractErrorPath as exc:
@@ -476,11 +559,10 @@ class SoapSource(PollingSource[SoapConfig]):
             raise PermanentError(
                 f"source {self.source_name!r}: records_path {cfg.records_path!r} holds {type(raw_records).__name__}, expected a list"
             )
-        last = None
-        if cur.get("time") is not None:
-            last = _sort_key(parse_time(cur["time"]), cur.get("key"))
-        best = last
-        best_pos: dict[str, Any] | None = {"time": cur["time"], "key": cur.get("key")} if last else None
+        # The scan starts after a record's position (key set), or at start_time (key unset: keep all).
+        start = _sort_key(parse_time(scan_time), scan_key) if scan_key is not None else None
+        best = _sort_key(parse_time(cur["time"]), cur.get("key")) if cur.get("time") is not None else None
+        best_pos: dict[str, Any] | None = {"time": cur["time"], "key": cur.get("key")} if best else None
         records: list[Record] = []
         for raw in raw_records:
             if not isinstance(raw, Mapping):
@@ -488,19 +570,59 @@ class SoapSource(PollingSource[SoapConfig]):
             pos = self._position(raw)
             if pos is not None:
                 sk = _sort_key(parse_time(pos["time"]), pos["key"])
-                if last is not None and sk <= last:
-                    continue  # already read: "since" is inclusive on many services
+                if start is not None and sk <= start:
+                    continue  # read by an earlier scan: "since" is inclusive on many services
                 if best is None or sk > best:
                     best, best_pos = sk, pos
-            records.append(Record(data=raw, position=pos, lenient=not cfg.strict))
-        next_token = next_token or None
+            records.append(Record(data=raw, position=pos, lenient=lenient))
         new_cursor: dict[str, Any] | None = dict(best_pos) if best_pos else None
-        if next_token:
-            new_cursor = {**(new_cursor or {}), "since": scan_time, "since_key": scan_key, "page_token": str(next_token)}
+        scan = {"since": scan_time, "since_key": scan_key}
+        if cfg.paging == "token" and next_token:
+            new_cursor = {**(new_cursor or {}), **scan, "page_token": str(next_token)}
+            has_more = True
+        elif cfg.paging == "page_number" and raw_records:
+            new_cursor = {**(new_cursor or {}), **scan, "page": page_number + 1}
             has_more = True
         else:
-            has_more = cfg.next_page_token_path is None and len(raw_records) >= page_size and bool(records)
-        return Batch(records=records, cursor=new_cursor, has_more=has_more, meta={"page_records": len(raw_records)})
+            has_more = cfg.paging == "cursor" and len(raw_records) >= page_size and bool(records)
+        return Batch(
+            records=records, cursor=new_cursor, has_more=has_more,
+            meta={"page_records": len(raw_records), "lenient": lenient},
+        )
+
+    def _call(self, args: Mapping[str, Any]) -> tuple[Any, bool]:
+        """One call; returns the parsed result and whether it was parsed leniently.
+
+        The response is fetched once (zeep ``raw_response``) and parsed by the binding; with
+        ``parsing: strict_then_lenient`` a response that fails *schema* validation is parsed again
+        leniently. Invalid or hostile XML is never re-parsed.
+        """
+        cfg = self.config
+        failure: BaseException | None = None
+        result: Any = None
+        lenient = cfg.parsing == "lenient"
+        try:
+            with self.client.settings(raw_response=True):
+                response = self._service[cfg.operation](**args)
+            try:
+                result = self._binding.process_reply(self.client, self._operation, response)
+            except zx.XMLParseError as exc:
+                if cfg.parsing != "strict_then_lenient":
+                    raise
+                log.warning(
+                    "source %r: response does not match the schema (%s); parsed leniently",
+                    self.source_name, type(exc).__name__,
+                )
+                with self.client.settings(strict=False):
+                    result = self._binding.process_reply(self.client, self._operation, response)
+                lenient = True
+        except Exception as exc:
+            failure = exc
+        if failure is not None:
+            err = self.classify_error(failure)
+            failure = None  # drop the native error (it may hold the payload)
+            raise err
+        return result, lenient
 
     def _position(self, record: Mapping[str, Any]) -> dict[str, Any] | None:
         t, k = record.get(self.config.time_field), record.get(self.config.key_field)
@@ -549,7 +671,7 @@ class SoapSource(PollingSource[SoapConfig]):
             )
         if isinstance(exc, LoadRefused):
             err: GatewayError = ConfigurationError(f"source {name!r}: {exc}")
-        elif isinstance(exc, zx.Fault) and exc.code is None and not isinstance(exc.detail, etree._Element):  # noqa: SLF001
+        elif isinstance(exc, zx.Fault) and exc.code is None and not isinstance(exc.detail, etree._Element):
             # Not a SOAP fault: an HTTP error whose body happened to be XML (an HTML error page).
             status = getattr(self.transport, "last_status", None) or 0
             if status in _TRANSIENT_HTTP:
@@ -568,8 +690,21 @@ class SoapSource(PollingSource[SoapConfig]):
             else:
                 err = PermanentError(f"source {name!r}: unexpected HTTP {status} from the service")
             return err  # no __cause__: zeep's TransportError message embeds the response body
+        elif isinstance(exc, requests.exceptions.SSLError):
+            # Before ConnectionError (its base): a failed TLS handshake is a setup problem, not a blip.
+            hint = (
+                "the server's certificate failed certificate verification (check auth.tls.ca_file)"
+                if "CERTIFICATE_VERIFY_FAILED" in str(exc)
+                else "check auth.tls (cert_file, key_file, ca_file) and whether the service wants a client certificate"
+            )
+            err = ConfigurationError(f"source {name!r}: TLS handshake failed: {hint}: {_short(exc)}")
         elif isinstance(exc, (requests.exceptions.Timeout, requests.exceptions.ConnectionError)):
             err = TransientError(f"source {name!r}: {type(exc).__name__}: {_short(exc)}")
+        elif isinstance(exc, zx.XMLParseError):
+            hint = "" if self.config.parsing != "strict" else "; parsing: strict_then_lenient accepts such responses"
+            err = PermanentError(
+                f"source {name!r}: the response does not match the WSDL's schema: {_short(exc)}{hint}"
+            )
         elif isinstance(exc, (zx.ValidationError, TypeError)):
             err = PermanentError(f"source {name!r}: the arguments do not fit operation {self.config.operation!r}: {_short(exc)}")
         else:
@@ -581,13 +716,23 @@ class SoapSource(PollingSource[SoapConfig]):
         code = exc.code or ""
         local = str(code).rsplit(":", 1)[-1].rsplit("}", 1)[-1]
         detail_code = None
-        if isinstance(exc.detail, etree._Element):  # noqa: SLF001
+        if isinstance(exc.detail, etree._Element):
             for el in exc.detail.iter():
                 if isinstance(el.tag, str) and etree.QName(el).localname in ("errorCode", "ErrorCode", "code") and el.text:
                     detail_code = el.text.strip()[:100]
                     break
         text = (exc.message or "")[:500]
         label = f"{code}" + (f" [{detail_code}]" if detail_code else "")
+        subcodes = [str(getattr(q, "localname", q)).rsplit(":", 1)[-1] for q in (getattr(exc, "subcodes", None) or [])]
+        if {local, *subcodes} & {"FailedAuthentication", "InvalidSecurityToken", "InvalidSecurity"}:
+            # WS-Security faults (SOAP 1.1 faultcode, SOAP 1.2 subcode): the credentials, not the request.
+            secret = self.config.auth.password
+            if secret is not None and secret.get_secret_value():
+                text = text.replace(secret.get_secret_value(), "***")
+            label = "/".join([str(code), *subcodes])
+            return ConfigurationError(
+                f"source {self.source_name!r}: the service rejected the credentials (WS-Security fault {label}: {text})"
+            )
         transient = set(self.config.transient_fault_codes)
         if local in ("Server", "Receiver") or local in transient or (detail_code and detail_code in transient):
             return TransientError(f"source {self.source_name!r}: SOAP fault {label}: {text}")
@@ -597,6 +742,30 @@ class SoapSource(PollingSource[SoapConfig]):
             fault_string=text or None,
             detail_code=detail_code,
         )
+
+
+_IMPORT_PATHS = etree.XPath(
+    "//wsdl:import/@location | //xs:import/@schemaLocation | //xs:include/@schemaLocation"
+    " | //xs:redefine/@schemaLocation",
+    namespaces={"wsdl": "http://schemas.xmlsoap.org/wsdl/", "xs": "http://www.w3.org/2001/XMLSchema"},
+)
+
+
+def _imports(data: bytes, base: str) -> list[str]:
+    """Locations imported or included by a WSDL/XSD document, resolved against ``base``."""
+    parser = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False)
+    try:
+        root = etree.fromstring(data, parser)
+    except etree.XMLSyntaxError:
+        return []  # not XML: hashed, nothing to follow
+    out = []
+    for ref in _IMPORT_PATHS(root):
+        ref = str(ref)
+        if urlparse(base).scheme in ("http", "https", "file"):
+            out.append(urljoin(base, ref))
+        else:
+            out.append(os.path.join(os.path.dirname(base), unquote(ref)))
+    return out
 
 
 def _short(exc: BaseException) -> str:

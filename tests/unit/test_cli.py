@@ -32,7 +32,9 @@ def _check_demo_output(text: str) -> None:
     assert progress, text
     events, published, scored = map(int, progress[-1])
     assert events >= 600 and scored >= 600 and published >= scored
-    top = re.findall(r"^\s+(\d\.\d{3})\s+transaction/(\d+)", text, re.M)
+    per_source = dict(re.findall(r"(card-transactions|legacy-orders) (\d+)", text.split("Events per source:")[1]))
+    assert int(per_source["card-transactions"]) >= 600 and int(per_source["legacy-orders"]) >= 120  # the SOAP source
+    top = re.findall(r"^\s+(\d\.\d{3})\s+(?:transaction|order)/(\d+)", text, re.M)
     assert len(top) == 10
     assert all(0.0 <= float(s) <= 1.0 for s, _ in top)
     assert float(top[0][0]) > 0.9  # the anomalies stand out
@@ -52,6 +54,8 @@ def test_demo_runs_on_rabbitmq_and_postgres(tmp_path: Path, amqp_url: str, pg_db
 
 
 def test_db_upgrade_and_sources_list(tmp_path: Path, monkeypatch) -> None:
+    import json
+
     legacy = f"sqlite:///{tmp_path / 'legacy.db'}"
     make_orders(legacy, 5).dispose()
     import yaml
@@ -59,7 +63,7 @@ def test_db_upgrade_and_sources_list(tmp_path: Path, monkeypatch) -> None:
     cfg = tmp_path / "g.yaml"
     cfg.write_text(yaml.safe_dump({"store": {"url": f"sqlite:///{tmp_path / 'g.db'}"}, "sources": [source_settings(legacy)]}))
     result = runner.invoke(app, ["db", "upgrade", "-c", str(cfg)])
-    assert result.exit_code == 0 and "store at revision 0001" in result.output
+    assert result.exit_code == 0 and "store at revision 0002" in result.output
     from gateway.config import load_settings
     from gateway.sources.runner import SourceRunner
     from gateway.store import EventStore, make_engine
@@ -70,7 +74,9 @@ def test_db_upgrade_and_sources_list(tmp_path: Path, monkeypatch) -> None:
     result = runner.invoke(app, ["sources", "list", "-c", str(cfg)])
     assert result.exit_code == 0, result.output
     line = next(ln for ln in result.output.splitlines() if ln.startswith("orders"))
-    assert " sql " in line and " 5 " in line and "'key': 5" in line
+    assert " sql " in line and " 5 " in line and " idle " in line
+    listed = runner.invoke(app, ["sources", "list", "-c", str(cfg), "--json"])
+    assert json.loads(listed.output)[0]["cursor"]["key"] == 5
 
 
 def test_worker_role_needs_rabbitmq(tmp_path: Path) -> None:

@@ -1,9 +1,10 @@
 """A legacy SOAP order service, served over real HTTP on 127.0.0.1 (standard library only).
 
-Document/literal, SOAP 1.1 and SOAP 1.2 bindings, one operation::
+Document/literal, SOAP 1.1 and SOAP 1.2 bindings, two operations::
 
     GetOrdersSince(since: dateTime, pageToken: string?, pageSize: int)
         -> orders: Order*, nextPageToken: string?
+    ListOrders(since: dateTime, pageNumber: int, pageSize: int) -> orders: Order*
 
 Orders with ``updatedAt >= since`` are returned ordered by ``(updatedAt, id)``; the page token is an
 opaque keyset position (the last ``(updatedAt, id)`` of the page), so updates between pages never
@@ -15,6 +16,11 @@ Test controls (all thread-safe): :meth:`add_orders`, :meth:`upsert`, :meth:`requ
 soap:Client fault with a code), ``delay`` (seconds before answering), ``hang`` (accept, never
 answer) and :meth:`serve_raw` (answer operations with a given body: attack payloads).
 
+Authentication: :meth:`require_auth` (HTTP basic), :meth:`require_wsse` (a WS-Security
+UsernameToken, PasswordText or PasswordDigest, with freshness and nonce-replay checks) and
+``SoapSimulator(tls=ssl_context)`` (HTTPS; the context decides whether a client certificate is
+required).
+
 Use it as a context manager, or call :meth:`start` and :meth:`close`; ``close`` stops the server
 and joins every thread it started.
 """
@@ -22,10 +28,15 @@ and joins every thread it started.
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
+import ssl
+import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -72,7 +83,7 @@ def _parse_dt(text: str) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
 
 
-def _order_xml(o: Order) -> str:
+def _order_xml(o: Order, *, nonconformant: bool = False) -> str:
     attr = f' currency="{escape(o.currency)}"' if o.currency is not None else ""
     parts = [
         f"<tns:orders{attr}>",
@@ -88,6 +99,8 @@ def _order_xml(o: Order) -> str:
         parts.append('<tns:note xsi:nil="true"/>')
     for sku, qty in o.lines:
         parts.append(f"<tns:lines><tns:sku>{escape(sku)}</tns:sku><tns:qty>{qty}</tns:qty></tns:lines>")
+    if nonconformant:  # an element the schema does not declare, as legacy services add over time
+        parts.append("<tns:legacyFlag>Y</tns:legacyFlag>")
     parts.append("</tns:orders>")
     return "".join(parts)
 
@@ -135,10 +148,64 @@ def _decode_token(token: str) -> tuple[datetime, int, datetime]:
     return _parse_dt(data["t"]), int(data["id"]), _parse_dt(data["s"])
 
 
-class SoapSimulator:
-    """The simulated service. Args: ``host`` (loopback) and ``port`` (0: ephemeral)."""
+# ---------------------------------------------------------------------------- WS-Security
+WSSE = "http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-wssecurity-secext-1.0.xsd"
+WSU = "http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-wssecurity-utility-1.0.xsd"
+_UT_PROFILE = "http://docs.oasis-open.org/wss/2004/01/oasis-200401-wss-username-token-profile-1.0"
+PASSWORD_TEXT = _UT_PROFILE + "#PasswordText"
+PASSWORD_DIGEST = _UT_PROFILE + "#PasswordDigest"
+#: Oldest (and furthest in the future) a Created may be; seen nonces are kept this long.
+WSSE_WINDOW = timedelta(minutes=5)
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+
+def password_digest(nonce: bytes, created: str, password: str) -> str:
+    """``Base64(SHA-1(nonce + created + password))`` (OASIS UsernameToken Profile 1.0, 3.1)."""
+    return base64.b64encode(hashlib.sha1(nonce + created.encode() + password.encode()).digest()).decode("ascii")
+
+
+def _wsse_fault(soap_ns: str, code: str = "FailedAuthentication") -> bytes:
+    """A WS-Security fault: faultcode ``wsse:<code>`` (SOAP 1.1), Sender with that subcode (SOAP 1.2)."""
+    text = "The security token could not be authenticated or authorized"
+    if soap_ns == SOAP11:
+        body = (
+            f'<soap:Fault xmlns:wsse="{WSSE}"><faultcode>wsse:{code}</faultcode>'
+            f"<faultstring>{text}</faultstring></soap:Fault>"
+        )
+    else:
+        body = (
+            f'<soap:Fault xmlns:wsse="{WSSE}"><soap:Code><soap:Value>soap:Sender</soap:Value>'
+            f"<soap:Subcode><soap:Value>wsse:{code}</soap:Value></soap:Subcode></soap:Code>"
+            f'<soap:Reason><soap:Text xml:lang="en">{text}</soap:Text></soap:Reason></soap:Fault>'
+        )
+    return _envelope(soap_ns, body)
+
+
+class _Server(ThreadingHTTPServer):
+    """The HTTP server; failed TLS handshakes are recorded, not printed."""
+
+    simulator: SoapSimulator
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        tls = self.simulator._tls is not None
+        if isinstance(exc, ssl.SSLError) or (tls and isinstance(exc, (ConnectionError, TimeoutError))):
+            with self.simulator._lock:
+                self.simulator.tls_failures.append(f"{type(exc).__name__}: {exc}")
+            return
+        super().handle_error(request, client_address)
+
+
+class SoapSimulator:
+    """The simulated service.
+
+    Args:
+        host: address to listen on (loopback).
+        port: port to listen on (0: ephemeral).
+        tls: serve HTTPS with this server-side context (``CERT_REQUIRED`` in it: client
+            certificates are required); ``None``: plain HTTP.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, tls: ssl.SSLContext | None = None) -> None:
         self._lock = threading.Lock()
         self._orders: dict[int, Order] = {}
         self._auth: str | None = None
@@ -148,24 +215,41 @@ class SoapSimulator:
         self._stop = threading.Event()
         self.delay = 0.0
         self.hang = False
+        #: Add an element the schema does not declare to every order (strict parsing rejects it).
+        self.nonconformant = False
         #: Every request as (method, path), including refused ones.
         self.requests: list[tuple[str, str]] = []
         #: Operation calls that reached the service (after auth).
         self.calls = 0
+        self._wsse: tuple[str, str, bool | None] | None = None
+        self._nonces: dict[str, datetime] = {}
+        #: Now, for the WS-Security freshness check (tests may replace it).
+        self.clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+        #: Why WS-Security checks failed, one entry per refused call.
+        self.auth_failures: list[str] = []
+        #: Failed TLS handshakes (no or untrusted client certificate, ...).
+        self.tls_failures: list[str] = []
+        #: Body of the last POST, as received (tests re-post it to check replay protection).
+        self.last_body: bytes | None = None
         sim = self
 
         class Handler(_Handler):
             simulator = sim
 
-        self._httpd = ThreadingHTTPServer((host, port), Handler)
+        self._httpd = _Server((host, port), Handler)
+        self._httpd.simulator = sim
         self._httpd.daemon_threads = False  # server_close() joins handler threads
+        self._tls = tls
+        if tls is not None:
+            # The handshake runs in the handler thread (see _Handler.setup), not in the accept loop.
+            self._httpd.socket = tls.wrap_socket(self._httpd.socket, server_side=True, do_handshake_on_connect=False)
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------ lifecycle
     @property
     def base_url(self) -> str:
         host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"{'https' if self._tls is not None else 'http'}://{host}:{port}"
 
     @property
     def wsdl_url(self) -> str:
@@ -227,6 +311,87 @@ class SoapSimulator:
                 None if username is None else base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
             )
 
+    def require_wsse(self, username: str | None, password: str | None = None, *, digest: bool | None = None) -> None:
+        """Require a WS-Security UsernameToken on every operation call (``None``: no WS-Security).
+
+        Args:
+            username: the expected ``wsse:Username``.
+            password: the expected password.
+            digest: ``True`` requires PasswordDigest, ``False`` PasswordText, ``None`` accepts both.
+
+        A ``Created`` (of the token or of a ``wsu:Timestamp``) more than 5 minutes old or ahead, or a
+        nonce seen before, is refused too; a refusal answers a ``wsse:FailedAuthentication`` fault
+        (HTTP 500) and its reason is appended to :attr:`auth_failures`.
+        """
+        with self._lock:
+            self._wsse = None if username is None else (username, password or "", digest)
+            self._nonces.clear()
+
+    def _check_wsse(self, body: bytes) -> str | None:
+        """Why the request's UsernameToken is refused, or ``None`` when it is accepted."""
+        with self._lock:
+            expected = self._wsse
+        if expected is None:
+            return None
+        username, password, digest = expected
+        try:
+            doc = etree.fromstring(body, etree.XMLParser(resolve_entities=False, no_network=True))
+        except etree.XMLSyntaxError:
+            return "malformed request"
+        security = doc.find(f"./{{{SOAP11}}}Header/{{{WSSE}}}Security")
+        if security is None:
+            security = doc.find(f"./{{{SOAP12}}}Header/{{{WSSE}}}Security")
+        tokens = [] if security is None else security.findall(f"{{{WSSE}}}UsernameToken")
+        if len(tokens) != 1:
+            return "no wsse:Security header with one UsernameToken"
+        token = tokens[0]
+        pw = token.find(f"{{{WSSE}}}Password")
+        if pw is None:
+            return "no Password"
+        nonce_text = token.findtext(f"{{{WSSE}}}Nonce")
+        created = token.findtext(f"{{{WSU}}}Created")
+        now = self.clock()
+        for text in (created, security.findtext(f"{{{WSU}}}Timestamp/{{{WSU}}}Created")):
+            if text is None:
+                continue
+            try:
+                when = _parse_dt(text)
+            except ValueError:
+                return "malformed Created"
+            if now - when > WSSE_WINDOW:
+                return "stale Created"
+            if when - now > WSSE_WINDOW:
+                return "Created in the future"
+        kind = pw.get("Type", PASSWORD_TEXT)  # the profile's default is PasswordText
+        if kind == PASSWORD_DIGEST:
+            if digest is False:
+                return "PasswordText required"
+            if not nonce_text or not created:
+                return "PasswordDigest without Nonce and Created"
+            try:
+                nonce = base64.b64decode(nonce_text, validate=True)
+            except ValueError:
+                return "malformed Nonce"
+            wanted = password_digest(nonce, created, password)
+        elif kind == PASSWORD_TEXT:
+            if digest is True:
+                return "PasswordDigest required"
+            wanted = password
+        else:
+            return "unknown password type"
+        ok = hmac.compare_digest((pw.text or "").strip().encode(), wanted.encode())
+        if token.findtext(f"{{{WSSE}}}Username") != username or not ok:
+            return "wrong username or password"
+        if nonce_text:
+            with self._lock:
+                for seen, at in list(self._nonces.items()):
+                    if now - at > WSSE_WINDOW:
+                        del self._nonces[seen]  # older than any acceptable Created
+                if nonce_text in self._nonces:
+                    return "replayed nonce"
+                self._nonces[nonce_text] = now
+        return None
+
     def fail_next(self, n: int, kind: str = "http503") -> None:
         """The next ``n`` operation calls fail: ``http503`` or ``soap_server`` (soap:Server fault)."""
         assert kind in ("http503", "soap_server")
@@ -271,6 +436,19 @@ class SoapSimulator:
         return page, nxt
 
 
+    def list_orders(self, since: datetime, page_number: int, size: int) -> list[Order]:
+        """``ListOrders``: page ``page_number`` (1-based) of the orders with ``updatedAt >= since``.
+
+        Offset paging over ``(updatedAt, id)``, as legacy services do it; a page past the end is
+        empty.
+        """
+        size = max(1, min(size, 1000))
+        start = (max(page_number, 1) - 1) * size
+        with self._lock:
+            orders = sorted((o for o in self._orders.values() if o.updated_at >= since), key=lambda o: (o.updated_at, o.id))
+        return orders[start : start + size]
+
+
 class _Handler(BaseHTTPRequestHandler):
     simulator: SoapSimulator
     timeout = 10  # a client that never sends its request does not hold a thread forever
@@ -278,6 +456,21 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 -- quiet
         pass
+
+    def setup(self) -> None:
+        super().setup()  # sets the socket timeout first: a client that never handshakes is bounded too
+        if isinstance(self.connection, ssl.SSLSocket):
+            self.connection.do_handshake()  # a failure goes to _Server.handle_error
+
+    def _wsse_authorized(self, body: bytes, soap_ns: str, ctype: str) -> bool:
+        sim = self.simulator
+        reason = sim._check_wsse(body)
+        if reason is None:
+            return True
+        with sim._lock:
+            sim.auth_failures.append(reason)
+        self._send(500, _wsse_fault(soap_ns), ctype)
+        return False
 
     def _send(self, status: int, body: bytes, content_type: str = "text/xml; charset=utf-8", extra: dict[str, str] | None = None) -> None:
         self.send_response(status)
@@ -317,6 +510,9 @@ class _Handler(BaseHTTPRequestHandler):
         ctype = self.headers.get("Content-Type", "")
         soap_ns = SOAP12 if "application/soap+xml" in ctype else SOAP11
         out_ctype = ("application/soap+xml" if soap_ns == SOAP12 else "text/xml") + "; charset=utf-8"
+        sim.last_body = body
+        if not self._wsse_authorized(body, soap_ns, out_ctype):
+            return
         with sim._lock:
             sim.calls += 1
             transient = sim._transient.pop(0) if sim._transient else None
@@ -342,13 +538,17 @@ class _Handler(BaseHTTPRequestHandler):
             parser = etree.XMLParser(resolve_entities=False, no_network=True)
             doc = etree.fromstring(body, parser)
             since = _parse_dt(doc.findtext(f".//{{{TNS}}}since") or "")
-            token = doc.findtext(f".//{{{TNS}}}pageToken") or None
             size = int(doc.findtext(f".//{{{TNS}}}pageSize") or "100")
-            page, nxt = sim.get_orders(since, token, size)
+            if doc.find(f".//{{{TNS}}}ListOrders") is not None:
+                op, nxt = "ListOrders", None
+                page = sim.list_orders(since, int(doc.findtext(f".//{{{TNS}}}pageNumber") or "1"), size)
+            else:
+                op = "GetOrdersSince"
+                page, nxt = sim.get_orders(since, doc.findtext(f".//{{{TNS}}}pageToken") or None, size)
         except Exception as exc:  # noqa: BLE001 -- a malformed request is the client's fault
             self._send(500, _fault(soap_ns, "Client", f"bad request: {type(exc).__name__}", "BAD-REQUEST"), out_ctype)
             return
-        resp = "".join(_order_xml(o) for o in page)
+        resp = "".join(_order_xml(o, nonconformant=sim.nonconformant) for o in page)
         if nxt:
             resp += f"<tns:nextPageToken>{nxt}</tns:nextPageToken>"
-        self._send(200, _envelope(soap_ns, f"<tns:GetOrdersSinceResponse>{resp}</tns:GetOrdersSinceResponse>"), out_ctype)
+        self._send(200, _envelope(soap_ns, f"<tns:{op}Response>{resp}</tns:{op}Response>"), out_ctype)
