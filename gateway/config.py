@@ -11,6 +11,7 @@ Every field has a ``description``; ``docs/configuration.md`` is generated from t
 from __future__ import annotations
 
 import contextvars
+import logging
 import os
 import re
 from pathlib import Path
@@ -38,6 +39,8 @@ __all__ = [
     "format_validation_error",
     "interpolate",
 ]
+
+log = logging.getLogger("gateway.config")
 
 _NAME = r"^[a-z][a-z0-9_-]{0,62}$"
 
@@ -363,6 +366,32 @@ def interpolate(text: str, environ: dict[str, str] | None = None, where: str = "
     return _VAR.sub(sub, text)
 
 
+#: Keys whose values are secrets: in a configuration file they must be ``${VAR}`` references.
+SECRET_KEYS = frozenset({"password", "passphrase", "secret", "client_secret", "token", "api_key", "private_key"})
+_ONLY_VAR = re.compile(r"\s*\$\{[A-Za-z_][A-Za-z0-9_]*(?::-[^}]*)?\}\s*")
+
+
+def literal_secrets(raw: Any, path: str = "") -> list[str]:
+    """Paths of secret-named keys whose value in the *uninterpolated* YAML is not one ``${VAR}``.
+
+    Secrets come only from the environment (``${VAR}``, or ``VAR_FILE`` naming a file), never
+    written into a configuration file that ends up in version control or a container image.
+    """
+    found: list[str] = []
+    if isinstance(raw, dict):
+        for key, value in raw.items():
+            where = f"{path}.{key}" if path else str(key)
+            if str(key).lower() in SECRET_KEYS and value is not None and not isinstance(value, (dict, list)):
+                if not (isinstance(value, str) and _ONLY_VAR.fullmatch(value)):
+                    found.append(where)
+            else:
+                found.extend(literal_secrets(value, where))
+    elif isinstance(raw, list):
+        for i, value in enumerate(raw):
+            found.extend(literal_secrets(value, f"{path}[{i}]"))
+    return found
+
+
 def _loc(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:
@@ -401,7 +430,8 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         p = Path(path)
         if not p.is_file():
             raise ConfigurationError(f"{where}: configuration file not found")
-        text = interpolate(p.read_text(encoding="utf-8"), where=where)
+        raw_text = p.read_text(encoding="utf-8")
+        text = interpolate(raw_text, where=where)
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as exc:
@@ -415,8 +445,29 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
         data = loaded
     token = _YAML_DATA.set(data)
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
     except ValidationError as exc:
         raise ConfigurationError(format_validation_error(exc, where)) from None
     finally:
         _YAML_DATA.reset(token)
+    if path is not None:
+        _check_literal_secrets(raw_text, where, settings.profile)
+    return settings
+
+
+def _check_literal_secrets(raw_text: str, where: str, profile: str) -> None:
+    """Secrets written into the file: an error in prod, a warning in dev and test."""
+    try:
+        raw = yaml.safe_load(raw_text)
+    except yaml.YAMLError:
+        return  # the interpolated text parsed; the raw one need not (a ${VAR} inside flow syntax)
+    found = literal_secrets(raw)
+    if not found:
+        return
+    msg = "; ".join(
+        f"{where}: {p}: a secret must come from the environment: write ${{VAR}} (or set VAR_FILE to a file)"
+        for p in found
+    )
+    if profile == "prod":
+        raise ConfigurationError(msg)
+    log.warning("%s (profile %s allows it; prod refuses it)", msg, profile)

@@ -158,3 +158,53 @@ def test_prod_profile_transport_rules(tmp_path, url, message) -> None:
 def test_prod_profile_accepts_tls_or_loopback(tmp_path, url) -> None:
     assert load_settings(_write(tmp_path, f"profile: prod\nbus:\n  url: {url}\n")).profile == "prod"
     assert load_settings(_write(tmp_path, "profile: dev\nbus:\n  url: amqp://guest:guest@far.example/%2F\n")).profile == "dev"
+
+
+SOAP_WITH_AUTH = """
+profile: {profile}
+sources:
+  - name: erp
+    adapter: soap
+    config:
+      wsdl: /srv/erp.wsdl
+      operation: GetOrders
+      records_path: orders
+      key_field: id
+      time_field: updatedAt
+      auth: {{type: wsse, username: gw, password: {password}}}
+    mapping: {{type: com.acme.order.changed, entity: order, key: [id]}}
+"""
+
+
+def test_prod_refuses_secrets_written_into_the_file(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "g.yaml"
+    path.write_text(SOAP_WITH_AUTH.format(profile="prod", password="hunter2"))
+    with pytest.raises(ConfigurationError) as info:
+        load_settings(path)
+    assert str(info.value) == (
+        f"{path}: sources[0].config.auth.password: a secret must come from the environment: "
+        "write ${VAR} (or set VAR_FILE to a file)"
+    )
+    path.write_text(SOAP_WITH_AUTH.format(profile="prod", password='"${ERP_PASSWORD}"'))
+    monkeypatch.setenv("ERP_PASSWORD", "hunter2")
+    settings = load_settings(path)
+    assert settings.sources[0].config["auth"]["password"] == "hunter2"
+
+
+def test_dev_warns_about_secrets_written_into_the_file(tmp_path, caplog) -> None:
+    path = tmp_path / "g.yaml"
+    path.write_text(SOAP_WITH_AUTH.format(profile="dev", password="hunter2"))
+    with caplog.at_level("WARNING", logger="gateway.config"):
+        load_settings(path)
+    assert "sources[0].config.auth.password: a secret must come from the environment" in caplog.text
+    assert "hunter2" not in caplog.text
+
+
+def test_literal_secrets_finds_every_secret_key_and_accepts_references() -> None:
+    from gateway.config import literal_secrets
+
+    raw = {
+        "sources": [{"config": {"auth": {"password": "x", "tls": {"cert_file": "/c.pem"}}, "token": "${T}", "api_key": 42}}],
+        "other": {"secret": "${S:-fallback}", "password": None},
+    }
+    assert literal_secrets(raw) == ["sources[0].config.auth.password", "sources[0].config.api_key"]
