@@ -24,6 +24,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from gateway.errors import ConfigurationError
 from gateway.resilience.breaker import BreakerPolicy
+from gateway.sources.rules import ParseRule
 
 __all__ = [
     "Settings",
@@ -174,6 +175,11 @@ class MappingSettings(_Section):
     )
     data: list[str] | None = Field(None, description="Fields copied into data (default: all).")
     rename: dict[str, str] = Field(default_factory=dict, description="Record field -> data field renames.")
+    parse: dict[str, ParseRule] = Field(
+        default_factory=dict,
+        description="Record field -> parse rule for legacy values, applied before mapping: "
+        "{type: date|datetime|decimal|int|bool|string, ...} (see docs/concepts.md#legacy-values).",
+    )
 
     @field_validator("key")
     @classmethod

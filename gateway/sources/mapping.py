@@ -13,6 +13,7 @@ from gateway.errors import ContractError
 from gateway.events import EXT_ADAPTER, EXT_POSITION, EXT_SOURCE_NAME, Event, event_id, jsonable, to_utc, utcnow
 from gateway.events.jsonsafe import dumps
 from gateway.events.timeutil import parse_time
+from gateway.sources.rules import apply_rules
 
 __all__ = ["Mapper"]
 
@@ -63,7 +64,7 @@ class Mapper:
             ContractError: a field the mapping needs is missing or has the wrong type.
         """
         m = self.mapping
-        data_in = record.data
+        data_in = apply_rules(record.data, m.parse, self.source_name) if m.parse else record.data
         key_values = [self._field(data_in, k) for k in m.key]
         if any(v is None for v in key_values):
             raise ContractError(f"source {self.source_name!r}: key field(s) {m.key} contain NULL")
