@@ -56,6 +56,7 @@ __all__ = [
     "SourceConfig",
     "Record",
     "Batch",
+    "Reject",
     "Fingerprint",
     "PollingSource",
     "ConfigT",
@@ -127,6 +128,30 @@ class Fingerprint:
 
 
 @dataclass(frozen=True, slots=True)
+class Reject:
+    """Something the adapter read but cannot turn into a record: it becomes a dead letter.
+
+    The source runner stores it in the same transaction as the batch's events and cursor, so it
+    is neither lost nor read again (a message is acked, a cursor moves past the row).
+
+    Attributes:
+        payload: the raw input (bytes are kept as text when UTF-8, else base64).
+        error_class: what went wrong, e.g. ``DecodeError`` (shown and filterable in dead letters).
+        reason: the message: what, where, what was expected.
+        headers: metadata worth keeping (message headers, column names).
+        position: where it sat in the source (lineage), JSON-safe.
+        attempts: deliveries or reads so far.
+    """
+
+    payload: bytes | str | None
+    error_class: str
+    reason: str
+    headers: Mapping[str, Any] = field(default_factory=dict)
+    position: Any = None
+    attempts: int = 1
+
+
+@dataclass(frozen=True, slots=True)
 class Batch:
     """What one ``fetch`` returns.
 
@@ -134,20 +159,26 @@ class Batch:
         records: the records, in source order.
         cursor: the JSON-safe cursor after these records; stored with their events.
         has_more: ``True`` if the source has more records right now (poll again at once).
+        meta: adapter facts about the read (shown by ``gateway sources test``).
+        rejects: inputs that cannot become records; stored as dead letters with the batch.
+        token: the adapter's own handle on the batch (e.g. the deliveries to ack), given back to
+            :meth:`PollingSource.committed` or :meth:`PollingSource.released`; never stored.
     """
 
     records: Sequence[Record]
     cursor: Any
     has_more: bool = False
     meta: Mapping[str, Any] = field(default_factory=dict)
+    rejects: Sequence[Reject] = ()
+    token: Any = None
 
 
 class PollingSource(abc.ABC, Generic[ConfigT]):
     """Base class of polling adapters.
 
     Override :meth:`fetch` (required); override :meth:`open`, :meth:`close`, :meth:`check`,
-    :meth:`initial_cursor` and :meth:`classify_error` when the defaults do not fit, and
-    :meth:`breaker_key`, :meth:`fingerprint`, :attr:`drift_check_interval` and
+    :meth:`initial_cursor`, :meth:`count_between` and :meth:`classify_error` when the defaults do
+    not fit, and :meth:`breaker_key`, :meth:`fingerprint`, :attr:`drift_check_interval` and
     :attr:`stop_on_drift` to share a circuit breaker or to have schema drift detected.
 
     Args:
@@ -204,6 +235,39 @@ class PollingSource(abc.ABC, Generic[ConfigT]):
         Raises:
             Exception: anything; :meth:`classify_error` decides retry, dead letter or stop.
         """
+
+    def committed(self, batch: Batch) -> None:
+        """Called after ``batch``'s events, dead letters and cursor were committed to the outbox.
+
+        Override to acknowledge what the batch read (a queue adapter acks its deliveries here:
+        never earlier, so a crash before the commit redelivers them). The default does nothing.
+        """
+
+    def released(self, batch: Batch) -> None:
+        """Called when ``batch`` could not be committed (the store failed past its retries).
+
+        Override to give back what the batch holds (a queue adapter requeues its deliveries).
+        The next ``fetch`` starts from the committed cursor again. The default does nothing.
+        """
+
+    def count_between(self, after: Any, upto: Any) -> int | None:
+        """Rows after cursor `after` up to and including cursor `upto` (None = the source's end); None when the adapter cannot tell.
+
+        ``gateway sources cursor NAME --set/--reset`` uses it to preview how many rows moving
+        the cursor would read again (``count_between(new, current)``) or skip
+        (``count_between(current, new)``). Both cursors are ones :meth:`fetch` takes: ``after``
+        may be ``None`` (the beginning, as ``fetch(None, ...)`` reads it). Return 0 when
+        ``upto`` is not after ``after``. Called after :meth:`open`. Override when the source can
+        count cheaply (a SQL ``COUNT(*)`` over the cursor range); the default cannot tell.
+
+        Args:
+            after: the cursor the range starts after.
+            upto: the cursor the range ends at (inclusive), or ``None`` for the source's end.
+
+        Returns:
+            The number of rows, or ``None`` (the default: unknown).
+        """
+        return None
 
     def classify_error(self, exc: BaseException) -> GatewayError:
         """Translate a native error into the gateway taxonomy.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -147,16 +148,34 @@ def _stamp(value: Any) -> str:
     return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value is not None else "-"
 
 
+def _lease_word(cursor: Any, now: Any) -> str:
+    """``live`` | ``expired`` | ``free`` for a source's lease (``-``: the source never ran)."""
+    if cursor is None:
+        return "-"
+    if cursor.lease_owner is None:
+        return "free"
+    return "live" if cursor.lease_live(now) else "expired"
+
+
+def _runner_live(runner: Any, src: Any, now: Any) -> bool:
+    """Whether a runner heartbeat is recent: runners write at least every status_interval, or
+    every lease_ttl/3 while standby."""
+    from datetime import timedelta
+
+    return bool(runner.updated_at >= now - timedelta(seconds=max(3 * src.status_interval, src.lease_ttl)))
+
+
 @sources_app.command("list")
 def sources_list(
     config: ConfigOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print every source's full status as JSON.")] = False,
 ) -> None:
-    """List configured sources with their state, breaker, events, last poll, last error and drift.
+    """List configured sources with their state, breaker, events, last poll, drift, lease and last error.
 
-    The state is what the source's runner last wrote to the store (any process); see
-    docs/operations.md for the states.
+    The state is what the source's lease holder last wrote to the store (any process); see
+    docs/operations.md for the states, the lease and standby replicas.
     """
+    from gateway.events import utcnow
     from gateway.events.jsonsafe import dumps, jsonable
 
     settings = _settings(config)
@@ -164,8 +183,12 @@ def sources_list(
     try:
         cursors = {c.source_name: c for c in store.list_cursors()}
         statuses = {s.source_name: s for s in store.list_source_status()}
+        runners: dict[str, list[Any]] = {}
+        for r in store.list_runners():
+            runners.setdefault(r.source_name, []).append(r)
     finally:
         store.engine.dispose()
+    now = utcnow()
     if as_json:
         out = []
         for src in settings.sources:
@@ -177,12 +200,21 @@ def sources_list(
             item["cursor"] = c.cursor if c else None
             item["events_total"] = c.events_total if c else 0
             item["cursor_updated_at"] = c.updated_at if c else None
+            item["cursor_epoch"] = c.epoch if c else None
+            item["lease"] = _lease_word(c, now)
+            item["lease_owner"] = c.lease_owner if c else None
+            item["lease_until"] = c.lease_until if c else None
+            item["runners"] = [
+                {"owner": r.owner, "state": r.state, "epoch": r.epoch, "updated_at": r.updated_at,
+                 "live": _runner_live(r, src, now)}
+                for r in runners.get(src.name, [])
+            ]
             out.append(jsonable(item))
         typer.echo(dumps(out).decode())
         return
     typer.echo(
         f"{'NAME':24} {'ADAPTER':10} {'ENABLED':8} {'STATE':18} {'BREAKER':9} {'EVENTS':>8}  "
-        f"{'LAST-POLL':20} {'DRIFT':5} LAST-ERROR"
+        f"{'LAST-POLL':20} {'DRIFT':5} {'LEASE':7} {'STANDBY':7} LAST-ERROR"
     )
     for src in settings.sources:
         c, st = cursors.get(src.name), statuses.get(src.name)
@@ -191,10 +223,11 @@ def sources_list(
             state += "*"  # a pause was requested and not yet observed
         breaker = (st.breaker or {}).get("state", "-") if st else "-"
         drift = ("yes" if st.drift_detected else "no") if st and st.fingerprint else "-"
+        standby = sum(1 for r in runners.get(src.name, []) if r.state == "standby" and _runner_live(r, src, now))
         typer.echo(
             f"{src.name:24} {src.adapter:10} {str(src.enabled).lower():8} {state:18} {breaker:9} "
             f"{(c.events_total if c else 0):>8}  {_stamp(st.last_poll_at if st else None):20} {drift:5} "
-            f"{_short(st.last_error if st else None, 60)}"
+            f"{_lease_word(c, now):7} {standby:<7} {_short(st.last_error if st else None, 60)}"
         )
 
 
@@ -263,6 +296,140 @@ def sources_accept_drift(
     changed = ", ".join(drift.get("changed") or []) or "-"
     typer.echo(f"source {name!r}: fingerprint {drift['current']} is the new baseline (changed: {changed}); "
                f"drift cleared{', source resumed' if resume else ''}.")
+
+
+def _json_text(value: Any) -> str:
+    """A cursor as compact JSON text."""
+    from gateway.events.jsonsafe import dumps, jsonable
+
+    return dumps(jsonable(value)).decode()
+
+
+def _show_cursor(name: str, state: Any, now: Any) -> None:
+    """Print a source's committed cursor, epoch and lease."""
+    typer.echo(f"source {name!r}")
+    if state is None or state.cursor is None:
+        typer.echo("  cursor:    none committed (the runner starts from the adapter's initial cursor)")
+    else:
+        typer.echo(f"  cursor:    {_json_text(state.cursor)}")
+    if state is None:
+        typer.echo("  epoch:     -\n  lease:     free (the source never ran)")
+        return
+    typer.echo(f"  committed: {_stamp(state.updated_at)} ({state.events_total} events in total)")
+    typer.echo(f"  epoch:     {state.epoch}")
+    if state.lease_owner is None:
+        typer.echo("  lease:     free")
+    else:
+        left = (state.lease_until - now).total_seconds() if state.lease_until else 0.0
+        how = f"live, {left:.0f} s left" if state.lease_live(now) else "expired"
+        typer.echo(f"  lease:     held by {state.lease_owner} until {_stamp(state.lease_until)} ({how})")
+
+
+def _count(adapter: Any, after: Any, upto: Any) -> int | None:
+    """``adapter.count_between(after, upto)``; ``None`` when it cannot tell or fails."""
+    try:
+        n = adapter.count_between(after, upto)
+    except Exception as exc:  # noqa: BLE001 -- a preview must not fail on the count
+        log.warning("count_between failed: %s: %s", type(exc).__name__, exc)
+        return None
+    return int(n) if n is not None else None
+
+
+@sources_app.command("cursor")
+def sources_cursor(
+    name: Annotated[str, typer.Argument(help="Source name from the configuration.")],
+    config: ConfigOpt = None,
+    set_to: Annotated[Optional[str], typer.Option("--set", help="Move the cursor to this JSON value (a preview unless --yes).")] = None,
+    reset: Annotated[bool, typer.Option("--reset", help="Move the cursor back to the adapter's initial cursor (a preview unless --yes).")] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Apply the move; without it --set/--reset only print a preview.")] = False,
+) -> None:
+    """Show a source's committed cursor, epoch and lease; or move the cursor (--set JSON, --reset).
+
+    A move prints a dry-run preview (the cursor now and after, and how many rows would be read
+    again or skipped, when the adapter can count them) and changes nothing unless --yes is given.
+    Applied, it bumps the source's fencing epoch: a running runner is fenced and continues from
+    the new cursor.
+    """
+    import json
+
+    from gateway.events import utcnow
+    from gateway.sources.runner import build_adapter
+
+    if set_to is not None and reset:
+        _fail("give either --set JSON or --reset, not both")
+    if yes and set_to is None and not reset:
+        _fail("--yes applies a move: give --set JSON or --reset")
+    target: Any = None
+    if set_to is not None:
+        try:
+            target = json.loads(set_to)
+        except ValueError as exc:
+            _fail(f"--set: not valid JSON ({exc}): {set_to!r}")
+    with _source_command(config, name) as (settings, store):
+        state = store.get_cursor(name)
+        if set_to is None and not reset:
+            _show_cursor(name, state, utcnow())
+            return
+        src = settings.source(name)
+        try:
+            adapter = build_adapter(src)
+        except (ConfigurationError, ValidationError) as exc:
+            _fail(f"source {name!r}: {exc}")
+            raise
+        opened, why = False, ""
+        try:
+            adapter.open()
+            opened = True
+        except Exception as exc:  # noqa: BLE001 -- the preview says so; the move itself needs no source
+            why = f"{type(adapter.classify_error(exc)).__name__}: {exc}"
+        try:
+            if reset:
+                target = adapter.initial_cursor()
+            now_cursor = state.cursor if state is not None and state.cursor is not None else adapter.initial_cursor()
+            reread: int | None = 0
+            skipped: int | None = 0
+            if opened:
+                # A cursor of None is the beginning: nothing before it to skip, nothing read yet after it.
+                if now_cursor is not None:
+                    reread = _count(adapter, target, now_cursor)
+                if target is not None:
+                    skipped = _count(adapter, now_cursor, target)
+            else:
+                reread = skipped = None
+        finally:
+            adapter.close()
+        unknown = f"unknown ({why})" if why else "unknown (the adapter cannot count)"
+        epoch = state.epoch if state is not None else 0
+        typer.echo(f"source {name!r}: move the cursor{'' if yes else ' -- dry run, nothing changed'}")
+        typer.echo(f"  now:    {_json_text(now_cursor)}  (epoch {epoch})")
+        note = "  (the adapter's initial cursor)" if reset else ""
+        typer.echo(f"  after:  {_json_text(target)}{note}")
+        typer.echo(f"  rows read again: {unknown if reread is None else reread}")
+        typer.echo(f"  rows skipped:    {unknown if skipped is None else skipped}")
+        if not yes:
+            typer.echo("Run again with --yes to apply.")
+            return
+        new_epoch = store.set_cursor(name, target)
+    _setup_logging("info")
+    log.warning(
+        "source %r: cursor moved by an operator (%s@%s): %s -> %s; epoch %d -> %d",
+        name, _operator(), socket.gethostname(), _json_text(now_cursor), _json_text(target), epoch, new_epoch,
+    )
+    third = src.lease_ttl / 3
+    typer.echo(
+        f"applied: epoch {new_epoch}. A running runner of {name!r} is fenced within {third:g} s (its next lease "
+        "renewal) or at its next commit, drops the batch in flight and continues from the new cursor."
+    )
+
+
+def _operator() -> str:
+    """The OS user running the command, for the log line of a cursor move."""
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 -- no user name in some containers
+        return "unknown"
 
 
 @sources_app.command("test")

@@ -264,6 +264,12 @@ class SourceSettings(_Section):
         description="Seconds between the runner's status writes to the store (state changes are written at "
         "once) and its checks for operator commands (gateway sources pause/resume/accept-drift).",
     )
+    lease_ttl: float = Field(
+        30.0, gt=0, le=3600,
+        description="Seconds a runner's lease on the source lasts: one replica polls the source, renewing the "
+        "lease every lease_ttl/3; the others wait as standby and one takes over once the lease expired, at most "
+        "lease_ttl after the holder's last renewal. Replica clocks must agree to well under this.",
+    )
 
 
 _YAML_DATA: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("_YAML_DATA", default={})

@@ -2,6 +2,10 @@
 
 ``gateway run`` runs every role in one process; ``gateway worker --role X`` runs one. Roles:
 ``sources`` (one runner thread per enabled source), ``relay``, ``scorer`` and ``api``.
+
+Several processes may run ``sources`` on one store: each source is polled by the runner holding
+its lease, the others stand by (:class:`~gateway.sources.runner.SourceRunner`). :meth:`Gateway.stop`
+lets every runner release its leases, so standbys elsewhere take over at once.
 """
 
 from __future__ import annotations

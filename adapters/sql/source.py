@@ -1,145 +1,176 @@
-"""Incremental polling of a legacy table.
+"""Commit-safe incremental polling of a legacy table or query.
 
-Cursor modes:
+Modes (``config.mode``) and their cursors:
 
-* ``timestamp_key`` -- the cursor is ``(timestamp, key)``; the next read is
-  ``WHERE (ts, key) > (:last_ts, :last_key) ORDER BY ts, key LIMIT :n``. Rows that share a
-  timestamp across a batch boundary are neither skipped nor repeated (the key breaks the tie), and
-  an updated row (new timestamp) is read again as a new version.
-* ``incrementing`` -- the cursor is the last key of a strictly increasing column; updates are
-  invisible in this mode.
+* ``timestamp_key`` -- ``{"ts", "key"}``: ``WHERE ts < :upper AND (ts, key) > (:last_ts, :last_key)
+  ORDER BY ts, key LIMIT n``. The key breaks timestamp ties, so rows sharing a timestamp across a
+  batch boundary are neither skipped nor repeated; an update (new timestamp) is read again as a
+  new version. ``:upper`` is the **database's** clock minus ``delay_seconds``: a row whose
+  transaction is still open when the cursor passes its timestamp would be skipped for good, so
+  the delay must be at least the source's longest write transaction. ``overlap_seconds`` adds a
+  re-read of the rows behind the cursor to catch what the delay missed (:mod:`.window`).
+* ``incrementing`` -- ``{"key"}``: ``WHERE key > :last_key ORDER BY key``, for append-only tables.
+* ``xid`` -- ``{"xid", "key"}``, PostgreSQL: rows carry the id of the transaction that wrote them;
+  only rows of transactions older than every running one are read, so a late commit can never
+  be skipped, with no delay.
+* ``snapshot`` -- ``{"snapshot_key", "pass"}``: the whole table in key order, pass after pass;
+  each record carries ``_row_hash`` for the mapping's ``version``, so unchanged rows dedupe.
 
-Table and column names are checked against the reflected table, and queries are built from
-SQLAlchemy ``Table``/``Column`` objects with bound values only (SEC-02). Timestamps are compared at
-full precision; naive columns are read in ``naive_timezone`` and emitted in UTC.
+``bootstrap: snapshot`` makes a ``timestamp_key``/``incrementing`` source start with one snapshot
+pass (cursor ``{"snapshot_key", "since"}``) and then continue incrementally from ``since``.
+
+Table and column names are checked against the reflected table and queries are built from
+SQLAlchemy objects with bound values only (SEC-02); a custom ``query`` is run exactly as written.
 """
 
 from __future__ import annotations
 
-import re
-from datetime import datetime, timedelta, timezone
-from typing import Any, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
 
-from pydantic import Field, SecretStr, field_validator, model_validator
-from sqlalchemy import Connection, Engine, Integer, MetaData, Select, Table, and_, bindparam, create_engine, or_, select, tuple_
+from sqlalchemy import Connection, Engine, MetaData, Table, bindparam, create_engine
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, NoSuchTableError, SQLAlchemyError
+from sqlalchemy.sql import Executable
 
-from adapters.base import Batch, PollingSource, Record, SourceConfig
-from gateway.errors import ConfigurationError, GatewayError, PermanentError, TransientError
-from gateway.events import format_time, parse_time, utcnow
+from adapters import base as _base
+from adapters.base import Batch, PollingSource, Record
+from adapters.sql.clock import DbClock, read_db_clock
+from adapters.sql.config import SqlConfig
+from adapters.sql.custom import CustomQuery
+from adapters.sql.errors import classify_db_error
+from adapters.sql.queries import TableQueries
+from adapters.sql.values import ROW_HASH_FIELD, RowConverter, SoftDeleteRule, row_hash
+from adapters.sql.window import SeenWindow
+from gateway.errors import ConfigurationError, GatewayError, PermanentError
+from gateway.events import format_time, jsonable, parse_time, utcnow
+from gateway.events.jsonsafe import dumps
 
 __all__ = ["SqlConfig", "SqlSource"]
 
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,127}$")
+#: ``adapters.base.Reject`` where the adapter API has it: a record the adapter could not read,
+#: stored as a dead letter in the batch's transaction.
+_Reject: Any = getattr(_base, "Reject", None)
 
-
-def _check_ident(value: str, what: str) -> str:
-    if not _IDENT.match(value):
-        raise ValueError(
-            f"{what} {value!r} is not a plain SQL identifier (letters, digits, _ and $; "
-            "not starting with a digit)"
-        )
-    return value
-
-
-class SqlConfig(SourceConfig):
-    """Settings of the ``sql`` adapter."""
-
-    url: SecretStr = Field(..., description="SQLAlchemy URL of the legacy database; use ${ENV} for passwords.")
-    table: str = Field(..., description="Table (or view) to poll, optionally schema-qualified: schema.table.")
-    mode: Literal["timestamp_key", "incrementing"] = Field(
-        "timestamp_key", description="Cursor mode: (timestamp, key) tuple, or an incrementing key."
-    )
-    key_column: str = Field(..., description="Unique key column; the tie-breaker of the cursor.")
-    timestamp_column: str | None = Field(
-        None, description="Last-change timestamp column (required in timestamp_key mode)."
-    )
-    columns: list[str] | None = Field(None, description="Columns to read (default: all).")
-    naive_timezone: str = Field("UTC", description="Zone of timestamp columns without a zone.")
-    delay_seconds: float = Field(
-        0.0, ge=0, le=86400,
-        description="Read only rows older than now minus this delay; set it to at least the source's "
-        "longest write transaction so late commits are not skipped.",
-    )
-
-    @field_validator("key_column", "timestamp_column")
-    @classmethod
-    def _ident(cls, v: str | None) -> str | None:
-        return _check_ident(v, "column") if v is not None else None
-
-    @field_validator("columns")
-    @classmethod
-    def _idents(cls, v: list[str] | None) -> list[str] | None:
-        return [_check_ident(c, "column") for c in v] if v is not None else None
-
-    @field_validator("table")
-    @classmethod
-    def _table(cls, v: str) -> str:
-        parts = v.split(".")
-        if len(parts) > 2:
-            raise ValueError(f"table {v!r}: expected 'table' or 'schema.table'")
-        for p in parts:
-            _check_ident(p, "table")
-        return v
-
-    @field_validator("naive_timezone")
-    @classmethod
-    def _zone(cls, v: str) -> str:
-        try:
-            ZoneInfo(v)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {v!r} (expected an IANA name such as 'Europe/Berlin')") from None
-        return v
-
-    @model_validator(mode="after")
-    def _mode_needs(self) -> SqlConfig:
-        if self.mode == "timestamp_key" and not self.timestamp_column:
-            raise ValueError("mode timestamp_key needs timestamp_column")
-        return self
+#: Most keys in one ``IN (...)`` of the overlap re-read (bound parameters are limited per statement).
+_KEYS_PER_QUERY = 1000
 
 
 class SqlSource(PollingSource[SqlConfig]):
-    """Polls one table of a legacy SQL database."""
+    """Polls one table (or custom query) of a legacy SQL database.
+
+    Args:
+        config: the validated ``config:`` block.
+        source_name: the configured source name.
+        clock: the local wall clock (aware UTC) the database clock offset is measured against;
+            injectable for tests.
+        monotonic: times the database clock's refresh; injectable for tests.
+    """
 
     kind = "sql"
     config_model = SqlConfig
 
-    def __init__(self, config: SqlConfig, *, source_name: str) -> None:
+    def __init__(
+        self,
+        config: SqlConfig,
+        *,
+        source_name: str,
+        clock: Callable[[], datetime] = utcnow,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         super().__init__(config, source_name=source_name)
         self._engine: Engine | None = None
-        self._table: Table | None = None
-        self._zone = ZoneInfo(config.naive_timezone)
-        self._queries: dict[bool, Select[Any]] = {}
         self._conn: Connection | None = None
+        self._table: Table | None = None
+        self._queries: TableQueries | None = None
+        self._custom: CustomQuery | None = None
+        self._zone = ZoneInfo(config.naive_timezone)
+        self._convert = RowConverter(self._zone)
+        self._soft = SoftDeleteRule(config.soft_delete) if config.soft_delete else None
+        self._ts_aware = False
+        self._db_clock = DbClock(self._read_db_clock, clock=clock, monotonic=monotonic)
+        self._seen = SeenWindow()
 
-    # ---------------------------------------------------------------- lifecycle
+    # ================================================================== lifecycle
     def open(self) -> None:
-        """Connect and reflect the table; unknown names raise ConfigurationError."""
-        if self._table is not None:
+        """Connect; reflect the table (or probe the custom query); read the database clock.
+
+        Raises:
+            ConfigurationError: the table, a configured column or a query result column is
+                missing, the query is rejected, or ``mode: xid`` is not on PostgreSQL.
+            TransientError: the database is unreachable.
+        """
+        if self._engine is not None:
             return
         cfg = self.config
         # Reads only, one statement each: autocommit, and one connection kept between polls (a pool
         # checkout with pre-ping and reset-on-return tripled the round trips of an idle poll).
-        engine = create_engine(cfg.url.get_secret_value(), isolation_level="AUTOCOMMIT", pool_size=1, max_overflow=1)
+        engine = _make_engine(cfg.url.get_secret_value())
+        self._engine = engine
+        try:
+            if cfg.mode == "xid" and engine.dialect.name != "postgresql":
+                raise ConfigurationError(
+                    f"source {self.source_name!r}: config.mode: xid needs PostgreSQL; url is a "
+                    f"{engine.dialect.name} database"
+                )
+            if cfg.table is not None:
+                self._open_table(engine)
+            else:
+                self._open_query()
+            if cfg.mode == "timestamp_key":
+                self._db_clock.measure()
+        except BaseException as exc:
+            self.close()
+            if isinstance(exc, (DBAPIError, SQLAlchemyError)) and not isinstance(exc, NoSuchTableError):
+                raise self.classify_error(exc) from exc
+            raise
+
+    def _open_table(self, engine: Engine) -> None:
+        cfg = self.config
+        assert cfg.table is not None
         schema, _, name = cfg.table.rpartition(".")
         try:
             table = Table(name, MetaData(), autoload_with=engine, schema=schema or None)
         except NoSuchTableError:
-            engine.dispose()
             raise ConfigurationError(f"source {self.source_name!r}: config.table: table {cfg.table!r} does not exist") from None
-        except (DBAPIError, SQLAlchemyError) as exc:
-            engine.dispose()
-            raise self.classify_error(exc) from exc
-        wanted = [cfg.key_column, *([cfg.timestamp_column] if cfg.timestamp_column else []), *(cfg.columns or [])]
-        missing = [c for c in wanted if c not in table.c]
+        wanted = [
+            cfg.key_column,
+            *(c for c in (cfg.timestamp_column, cfg.xid_column) if c and cfg.mode != "snapshot"),
+            *(cfg.columns or []),
+            *([cfg.soft_delete.column] if cfg.soft_delete else []),
+            *cfg.column_encodings,
+        ]
+        missing = list(dict.fromkeys(c for c in wanted if c not in table.c))
         if missing:
-            engine.dispose()
             raise ConfigurationError(
                 f"source {self.source_name!r}: column(s) {', '.join(map(repr, missing))} not in table "
                 f"{cfg.table!r} (columns: {', '.join(table.c.keys())})"
             )
-        self._engine, self._table = engine, table
+        queries = TableQueries(table, cfg, engine.dialect.name)
+        self._table, self._queries = table, queries
+        self._convert = RowConverter.for_columns(
+            queries.columns, self._zone, encodings=cfg.column_encodings, errors=cfg.encoding_errors
+        )
+        if queries.ts is not None:
+            self._ts_aware = bool(getattr(queries.ts.type, "timezone", False))
+
+    def _open_query(self) -> None:
+        cfg = self.config
+        custom = CustomQuery(cfg, self.source_name)
+        params = self._custom_params(None, upper=cfg.first_start_time)
+        custom.probe(self._connection(), params)
+        self._custom = custom
+        self._ts_aware = custom.aware_timestamps
+        self._convert = RowConverter(
+            self._zone,
+            encodings=cfg.column_encodings,
+            errors=cfg.encoding_errors,
+            text_timestamps=[cfg.timestamp_column] if cfg.timestamp_column else (),
+        )
 
     def close(self) -> None:
         """Close the kept connection and dispose of the pool."""
@@ -151,112 +182,408 @@ class SqlSource(PollingSource[SqlConfig]):
             self._conn = None
         if self._engine is not None:
             self._engine.dispose()
-        self._engine, self._table = None, None
-        self._queries = {}
+        self._engine, self._table, self._queries, self._custom = None, None, None, None
 
     def columns(self) -> list[str]:
-        """Names of the columns each record carries."""
+        """Names of the fields each record carries."""
         self.open()
-        assert self._table is not None
-        return list(self.config.columns or self._table.c.keys())
+        if self._custom is not None:
+            return list(self._custom.columns)
+        assert self._queries is not None
+        names = [c.name for c in self._queries.columns]
+        return [*names, ROW_HASH_FIELD] if self.config.mode == "snapshot" else names
 
-    # ---------------------------------------------------------------- reading
+    def initial_cursor(self) -> Any:
+        """Where a source that never ran starts: ``start_time``/``start_key``, else the beginning.
+
+        With ``bootstrap: snapshot`` (and in snapshot mode) the first fetch starts the snapshot.
+        """
+        cfg = self.config
+        if cfg.query is not None or cfg.bootstrap == "snapshot" or cfg.mode == "snapshot":
+            return None
+        if cfg.mode == "timestamp_key" and cfg.start_time is not None:
+            return {"ts": format_time(cfg.start_time), "key": None}
+        if cfg.mode == "incrementing" and cfg.start_key is not None:
+            return {"key": cfg.start_key}
+        return None
+
+    # ================================================================== reading
     def fetch(self, cursor: Any, limit: int) -> Batch:
         """Read the next ``limit`` rows after ``cursor`` (see the module docstring)."""
         self.open()
-        assert self._engine is not None and self._table is not None
         cfg = self.config
-        params: dict[str, Any] = {"lim": limit}
-        if cursor:
-            params["last_key"] = cursor["key"]
-            if cfg.mode == "timestamp_key":
-                params["last_ts"] = self._bind_ts(parse_time(cursor["ts"]))
-        if cfg.mode == "timestamp_key" and cfg.delay_seconds > 0:
-            params["upper"] = self._bind_ts(utcnow() - timedelta(seconds=cfg.delay_seconds))
-        query = self._query(bool(cursor))
-        if self._conn is None:
-            self._conn = self._engine.connect()
-        try:
-            rows = self._conn.execute(query, params).mappings().all()
-        except DBAPIError:
-            conn, self._conn = self._conn, None  # reconnect on the next poll
-            conn.invalidate()
-            raise
-        records = []
-        position: Any = cursor
-        for row in rows:
-            data = {str(k): self._normalize(v) for k, v in row.items()}
-            if cfg.mode == "timestamp_key":
-                ts_val = data[cfg.timestamp_column]  # type: ignore[index]
-                if not isinstance(ts_val, datetime):
-                    raise PermanentError(
-                        f"source {self.source_name!r}: {cfg.timestamp_column!r} holds "
-                        f"{type(ts_val).__name__}, expected a timestamp"
-                    )
-                position = {"ts": format_time(ts_val), "key": data[cfg.key_column]}
-            else:
-                position = {"key": data[cfg.key_column]}
-            records.append(Record(data=data, position=position))
-        return Batch(records=records, cursor=position, has_more=len(rows) == limit)
-
-    def _query(self, after_cursor: bool) -> Select[Any]:
-        """The poll query, built once per shape (SQLAlchemy construction is the costly part)."""
-        cached = self._queries.get(after_cursor)
-        if cached is not None:
-            return cached
-        assert self._table is not None and self._engine is not None
-        cfg, t = self.config, self._table
-        key = t.c[cfg.key_column]
-        cols = [t.c[c] for c in cfg.columns] if cfg.columns else list(t.c)
-        for needed in (key, t.c[cfg.timestamp_column] if cfg.timestamp_column else None):
-            if needed is not None and needed not in cols:
-                cols.append(needed)
-        query = select(*cols)
-        last_key = bindparam("last_key", type_=key.type)
+        if cursor is None:
+            cursor = self.initial_cursor()
+        if cfg.mode == "snapshot":
+            return self._fetch_snapshot(cursor, limit)
+        if cfg.bootstrap == "snapshot" and (cursor is None or "snapshot_key" in cursor):
+            return self._fetch_bootstrap(cursor, limit)
+        if self._custom is not None:
+            return self._fetch_custom(cursor, limit)
         if cfg.mode == "timestamp_key":
-            ts = t.c[cfg.timestamp_column]  # type: ignore[index]
-            last_ts = bindparam("last_ts", type_=ts.type)
-            if after_cursor:
-                if self._engine.dialect.name == "sqlite":
-                    query = query.where(or_(ts > last_ts, and_(ts == last_ts, key > last_key)))
-                else:  # row-value comparison: uses a (ts, key) index
-                    query = query.where(tuple_(ts, key) > tuple_(last_ts, last_key))
-            if cfg.delay_seconds > 0:
-                query = query.where(ts < bindparam("upper", type_=ts.type))
-            query = query.order_by(ts, key)
-        else:
-            if after_cursor:
-                query = query.where(key > last_key)
-            query = query.order_by(key)
-        query = query.limit(bindparam("lim", type_=Integer))
-        self._queries[after_cursor] = query
-        return query
+            return self._fetch_timestamp(cursor, limit)
+        if cfg.mode == "incrementing":
+            return self._fetch_by_key(cursor, limit)
+        return self._fetch_xid(cursor, limit)
 
+    # ------------------------------------------------------------------ timestamp_key
+    def _fetch_timestamp(self, cursor: Mapping[str, Any] | None, limit: int) -> Batch:
+        cfg, q = self.config, self._queries
+        assert q is not None
+        overlap = cfg.overlap_seconds > 0
+        if overlap:
+            self._seen.settle(cursor)
+        params: dict[str, Any] = {"lim": limit, "upper": self._bind_ts(self._upper())}
+        if cursor is None:
+            shape = "first"
+        else:
+            params["last_ts"] = self._bind_ts(parse_time(cursor["ts"]))
+            if cursor.get("key") is None:
+                shape = "since"
+            else:
+                shape, params["last_key"] = "after", cursor["key"]
+        rows = self._execute(q.timestamp(shape), params)
+        late = self._late_records(cursor) if overlap and shape == "after" else []
+        records = [self._record(row, self._ts_position) for row in rows]
+        new_cursor = dict(records[-1].position) if records else (dict(cursor) if cursor is not None else None)
+        if overlap:
+            self._hold_seen([*late, *records], new_cursor, cursor)
+        return self._batch([*late, *records], new_cursor, has_more=len(rows) == limit)
+
+    def _upper(self) -> datetime:
+        """The read horizon: the database's clock minus ``delay_seconds`` (aware UTC)."""
+        return self._db_clock.now() - timedelta(seconds=self.config.delay_seconds)
+
+    def _late_records(self, cursor: Mapping[str, Any]) -> list[Record | _Unreadable]:
+        """Rows in ``[cursor.ts - overlap, cursor]`` not emitted yet: commits the delay missed."""
+        q = self._queries
+        assert q is not None and q.ts is not None
+        last_ts = parse_time(cursor["ts"])
+        start = last_ts - timedelta(seconds=self.config.overlap_seconds)
+        self._seen.prune(start)
+        params = {
+            "window_start": self._bind_ts(start),
+            "last_ts": self._bind_ts(last_ts),
+            "last_key": cursor["key"],
+        }
+        key_name, ts_name = q.key.name, q.ts.name
+        unseen = []
+        for row in self._execute(q.window_keys(), params):
+            data, _ = self._convert.convert(row)
+            if (data[key_name], data[ts_name]) not in self._seen:
+                unseen.append(data[key_name])
+        if not unseen:
+            return []
+        keys = list(dict.fromkeys(unseen))
+        late: list[Record | _Unreadable] = []
+        for i in range(0, len(keys), _KEYS_PER_QUERY):  # after a restart the whole window is unseen
+            for row in self._execute(q.window_rows(), {**params, "keys": keys[i : i + _KEYS_PER_QUERY]}):
+                rec = self._record(row, self._ts_position)
+                if (rec.data[key_name], rec.data[ts_name]) not in self._seen:
+                    late.append(rec)
+        late.sort(key=lambda r: (r.data[ts_name], r.data[key_name]))  # chunks each come ordered
+        return late
+
+    def _hold_seen(self, records: Sequence[Record | _Unreadable], new_cursor: Any, read_from: Any) -> None:
+        cfg = self.config
+        assert cfg.timestamp_column is not None
+        pairs = [(r.data[cfg.key_column], r.data[cfg.timestamp_column]) for r in records]
+        self._seen.hold(pairs, new_cursor, read_from)
+
+    def _ts_position(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        cfg = self.config
+        ts = data[cfg.timestamp_column]  # type: ignore[index]
+        if not isinstance(ts, datetime):
+            raise PermanentError(
+                f"source {self.source_name!r}: {cfg.timestamp_column!r} holds "
+                f"{type(ts).__name__}, expected a timestamp"
+            )
+        return {"ts": format_time(ts), "key": data[cfg.key_column]}
+
+    # ------------------------------------------------------------------ incrementing
+    def _fetch_by_key(self, cursor: Mapping[str, Any] | None, limit: int) -> Batch:
+        q = self._queries
+        assert q is not None
+        after = cursor is not None and cursor.get("key") is not None
+        params: dict[str, Any] = {"lim": limit}
+        if after:
+            assert cursor is not None
+            params["last_key"] = cursor["key"]
+        rows = self._execute(q.by_key(after), params)
+        records = [self._record(row, self._key_position) for row in rows]
+        new_cursor = dict(records[-1].position) if records else (dict(cursor) if cursor else None)
+        return self._batch(records, new_cursor, has_more=len(rows) == limit)
+
+    def _key_position(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        return {"key": data[self.config.key_column]}
+
+    # ------------------------------------------------------------------ xid
+    def _fetch_xid(self, cursor: Mapping[str, Any] | None, limit: int) -> Batch:
+        q = self._queries
+        assert q is not None
+        params: dict[str, Any] = {"lim": limit}
+        after = cursor is not None
+        if cursor is not None:
+            params["last_xid"], params["last_key"] = int(cursor["xid"]), cursor["key"]
+        rows = self._execute(q.by_xid(after), params)
+        records = [self._record(row, self._xid_position) for row in rows]
+        new_cursor = dict(records[-1].position) if records else (dict(cursor) if cursor else None)
+        return self._batch(records, new_cursor, has_more=len(rows) == limit)
+
+    def _xid_position(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        xid = data[self.config.xid_column]  # type: ignore[index]
+        return {"xid": int(xid), "key": data[self.config.key_column]}
+
+    # ------------------------------------------------------------------ snapshot
+    def _fetch_snapshot(self, cursor: Mapping[str, Any] | None, limit: int) -> Batch:
+        """One page of the current pass; a short page ends the pass (the next starts after ``interval``)."""
+        q = self._queries
+        assert q is not None
+        n = int(cursor.get("pass", 1)) if cursor else 1
+        last = cursor.get("snapshot_key") if cursor else None
+        params: dict[str, Any] = {"lim": limit}
+        if last is not None:
+            params["last_key"] = last
+        rows = self._execute(q.by_key(last is not None), params)
+        key = self.config.key_column
+        records = [self._record(row, lambda d: {"snapshot_key": d[key], "pass": n}, with_hash=True) for row in rows]
+        if len(rows) == limit:
+            return self._batch(records, {"snapshot_key": records[-1].data[key], "pass": n}, has_more=True)
+        return self._batch(records, {"snapshot_key": None, "pass": n + 1}, has_more=False)
+
+    def _fetch_bootstrap(self, cursor: Mapping[str, Any] | None, limit: int) -> Batch:
+        """One page of the bootstrap snapshot; after the last, continue incrementally from ``since``."""
+        cfg, q = self.config, self._queries
+        assert q is not None
+        if cursor is None:  # the snapshot starts now: what changes from here on is read incrementally
+            since = format_time(self._db_clock.now()) if cfg.mode == "timestamp_key" else None
+            cursor = {"snapshot_key": None, "since": since}
+        last = cursor.get("snapshot_key")
+        params: dict[str, Any] = {"lim": limit}
+        if last is not None:
+            params["last_key"] = last
+        rows = self._execute(q.by_key(last is not None), params)
+        key = cfg.key_column
+        records = [self._record(row, lambda d: {"snapshot_key": d[key]}) for row in rows]
+        if len(rows) == limit:
+            return self._batch(records, {"snapshot_key": records[-1].data[key], "since": cursor["since"]}, has_more=True)
+        if cfg.mode == "timestamp_key":
+            start = parse_time(cursor["since"]) - timedelta(seconds=cfg.delay_seconds)
+            nxt: dict[str, Any] = {"ts": format_time(start), "key": None}
+        else:
+            end = records[-1].data[key] if records else last
+            nxt = {"key": end} if end is not None else {"key": None}
+        return self._batch(records, nxt, has_more=True)
+
+    # ------------------------------------------------------------------ custom query
+    def _custom_params(self, cursor: Mapping[str, Any] | None, *, upper: datetime | None = None) -> dict[str, Any]:
+        """The placeholder values of a custom query for ``cursor`` (``None``: the configured start)."""
+        cfg = self.config
+        cur = cursor or {}
+        params: dict[str, Any] = {"last_key": cur.get("key", cfg.start_key)}
+        if cfg.mode == "timestamp_key":
+            last_ts = parse_time(cur["ts"]) if cur.get("ts") else cfg.first_start_time
+            params["last_ts"] = self._bind_ts(last_ts)
+            params["upper"] = self._bind_ts(upper if upper is not None else self._upper())
+        elif cfg.mode == "xid":
+            params["last_xid"] = int(cur.get("xid", 0))
+        return params
+
+    def _fetch_custom(self, cursor: Mapping[str, Any] | None, limit: int) -> Batch:
+        custom, cfg = self._custom, self.config
+        assert custom is not None
+        params = {**self._custom_params(cursor), "limit": limit}
+        rows = self._execute(custom.statement, params)
+        position = {
+            "timestamp_key": self._ts_position, "incrementing": self._key_position, "xid": self._xid_position,
+        }[cfg.mode]
+        records = [self._record(row, position) for row in rows]
+        self._check_order(cursor, records)
+        new_cursor = dict(records[-1].position) if records else (dict(cursor) if cursor else None)
+        return self._batch(records, new_cursor, has_more=len(rows) >= limit)
+
+    def _check_order(self, cursor: Mapping[str, Any] | None, records: Sequence[Record | _Unreadable]) -> None:
+        """A custom query must return rows after the cursor in cursor order; else it would loop or skip."""
+        def sort_key(pos: Mapping[str, Any]) -> tuple[Any, ...]:
+            if "ts" in pos:
+                return (parse_time(pos["ts"]), pos["key"])
+            return (pos["xid"], pos["key"]) if "xid" in pos else (pos["key"],)
+
+        prev = cursor if cursor and all(v is not None for v in cursor.values()) else None
+        for rec in records:
+            try:
+                ok = prev is None or sort_key(rec.position) > sort_key(prev)
+            except TypeError:  # NULL or incomparable keys: the database's order is taken as is
+                ok = True
+            if not ok:
+                raise PermanentError(
+                    f"source {self.source_name!r}: config.query returned {rec.position} after {dict(prev or {})}: "
+                    "it must return only rows after the cursor placeholders, ordered by the cursor columns "
+                    "(ORDER BY timestamp, key)"
+                )
+            prev = rec.position
+
+    # ------------------------------------------------------------------ rows to records
+    def _record(
+        self, row: Mapping[str, Any], position: Callable[[Mapping[str, Any]], dict[str, Any]], *, with_hash: bool = False
+    ) -> Record | _Unreadable:
+        data, error = self._convert.convert(row)
+        pos = position(data)
+        if error is not None:
+            return _Unreadable(data=data, position=pos, reason=f"source {self.source_name!r}: row {pos}: {error}")
+        if with_hash:
+            data[ROW_HASH_FIELD] = row_hash(data)
+        return Record(data=data, position=pos, deleted=bool(self._soft and self._soft.is_deleted(data)))
+
+    def _batch(self, records: Sequence[Record | _Unreadable], cursor: Any, *, has_more: bool) -> Batch:
+        """The batch; records that could not be read become dead letters of it (``Reject``)."""
+        bad = [r for r in records if isinstance(r, _Unreadable)]
+        good = [r for r in records if isinstance(r, Record)]
+        if not bad:
+            return Batch(records=good, cursor=cursor, has_more=has_more)
+        if _Reject is None:  # an adapter API without Reject: the batch cannot carry dead letters
+            raise PermanentError(bad[0].reason)
+        rejects = [
+            _Reject(
+                payload=dumps(jsonable(dict(r.data))), headers={}, error_class="UnicodeDecodeError",
+                reason=r.reason, position=r.position, attempts=1,
+            )
+            for r in bad
+        ]
+        return Batch(records=good, cursor=cursor, has_more=has_more, rejects=rejects)  # type: ignore[call-arg]
+
+    # ------------------------------------------------------------------ commit hooks
+    def committed(self, batch: Batch) -> None:
+        """The runner stored ``batch``: its rows count as emitted in the overlap window."""
+        self._seen.settle(batch.cursor)
+
+    def released(self, batch: Batch) -> None:
+        """The runner could not store ``batch``: its rows are emitted again by a later poll."""
+        self._seen.settle(object())
+
+    # ------------------------------------------------------------------ previews
+    def count_between(self, after: Any, upto: Any) -> int | None:
+        """Rows after cursor ``after`` up to and including cursor ``upto`` (``None``: the end).
+
+        For a cursor-move preview: how many rows a move would re-read or skip. Counts what is in
+        the table now, ignoring the delay horizon (0 when ``upto`` is not after ``after``).
+        ``None`` for a custom query (its rows cannot be counted without running it) and for
+        cursors of two different shapes.
+
+        Args:
+            after: a cursor of this source, or ``None`` (the beginning).
+            upto: a cursor of this source, or ``None`` (the end).
+
+        Returns:
+            The number of rows, or ``None`` when it cannot be told.
+        """
+        self.open()
+        q = self._queries
+        if q is None:
+            return None
+        cfg = self.config
+        if after is None:
+            after = self.initial_cursor()  # the beginning, as fetch(None, ...) reads it
+        shapes = {_shape(c) for c in (after, upto) if c is not None}
+        if len(shapes) > 1:
+            return None
+        shape = shapes.pop() if shapes else ("key" if cfg.mode in ("snapshot", "incrementing") else cfg.mode)
+        query = q.count()
+        params: dict[str, Any] = {}
+        if shape == "key":
+            a, u = _key_of(after), _key_of(upto)
+            if a is not None:
+                query = query.where(q.key > bindparam("a_key", type_=q.key.type))
+                params["a_key"] = a
+            if u is not None:
+                query = query.where(q.key <= bindparam("u_key", type_=q.key.type))
+                params["u_key"] = u
+            return int(self._execute(query, params, scalar=True))
+        col = q.xid if shape == "xid" else q.ts
+        if col is None:
+            return None
+        query = query.where(col.is_not(None))
+        for which, cur in (("a", after), ("u", upto)):
+            if cur is None:
+                continue
+            first = int(cur["xid"]) if shape == "xid" else self._bind_ts(parse_time(cur["ts"]))
+            params[f"{which}_first"] = first
+            if cur.get("key") is None:  # {"ts": X, "key": None}: the start of X, before any key
+                b = bindparam(f"{which}_first", type_=col.type)
+                query = query.where(col >= b if which == "a" else col < b)
+                continue
+            params[f"{which}_key"] = cur["key"]
+            names = (f"{which}_first", f"{which}_key")
+            cols = (col.name, q.key.name)
+            query = query.where(q.after_cond(cols, names) if which == "a" else q.upto_cond(cols, names))
+        return int(self._execute(query, params, scalar=True))
+
+    # ------------------------------------------------------------------ plumbing
     def _bind_ts(self, value: datetime) -> datetime:
-        """Bind an aware UTC datetime the way the timestamp column stores it."""
-        assert self._table is not None and self.config.timestamp_column
-        if getattr(self._table.c[self.config.timestamp_column].type, "timezone", False):
+        """An aware UTC datetime as the timestamp column stores it (naive: in ``naive_timezone``)."""
+        if self._ts_aware:
             return value
         return value.astimezone(self._zone).replace(tzinfo=None)
 
-    def _normalize(self, value: Any) -> Any:
-        if isinstance(value, datetime):
-            if value.tzinfo is None:
-                value = value.replace(tzinfo=self._zone)
-            return value.astimezone(timezone.utc)
-        if isinstance(value, str):
-            return value.rstrip(" ")  # CHAR(n) padding
-        return value
+    def _connection(self) -> Connection:
+        assert self._engine is not None
+        if self._conn is None:
+            self._conn = self._engine.connect()
+        return self._conn
+
+    def _execute(self, statement: Executable, params: Mapping[str, Any], *, scalar: bool = False) -> Any:
+        """Run one statement on the kept connection; a failed connection is replaced next time."""
+        conn = self._connection()
+        try:
+            result = conn.execute(statement, dict(params))
+            return result.scalar_one() if scalar else result.mappings().all()
+        except DBAPIError:
+            self._conn = None  # reconnect on the next poll
+            conn.invalidate()
+            raise
+
+    def _read_db_clock(self) -> datetime:
+        conn = self._connection()
+        try:
+            return read_db_clock(conn, self._zone)
+        except DBAPIError:
+            self._conn = None
+            conn.invalidate()
+            raise
 
     def classify_error(self, exc: BaseException) -> GatewayError:
         """DBAPI connection-level errors are transient; programming errors permanent."""
-        if isinstance(exc, GatewayError):
-            return exc
-        if isinstance(exc, DBAPIError):
-            if exc.connection_invalidated or type(exc.orig).__name__ in ("OperationalError", "InterfaceError"):
-                err: GatewayError = TransientError(f"source {self.source_name!r}: database unavailable: {type(exc.orig).__name__}")
-            else:
-                err = PermanentError(f"source {self.source_name!r}: query failed: {type(exc.orig).__name__}: {exc.orig}")
-            err.__cause__ = exc
-            return err
-        return super().classify_error(exc)
+        return classify_db_error(exc, self.source_name) or super().classify_error(exc)
+
+
+def _make_engine(url: str) -> Engine:
+    """An autocommit engine with a one-connection pool (SQLite in memory has a pool of its own)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
+        return create_engine(parsed, isolation_level="AUTOCOMMIT")
+    return create_engine(parsed, isolation_level="AUTOCOMMIT", pool_size=1, max_overflow=1)
+
+
+def _shape(cursor: Mapping[str, Any]) -> str:
+    """Which order a cursor is in: ``key`` (incrementing, snapshot, bootstrap), ``xid`` or ``timestamp_key``."""
+    if "xid" in cursor:
+        return "xid"
+    if "ts" in cursor:
+        return "timestamp_key"
+    return "key"
+
+
+def _key_of(cursor: Mapping[str, Any] | None) -> Any:
+    """The key of a key-ordered cursor (``key`` or ``snapshot_key``), or ``None``."""
+    if cursor is None:
+        return None
+    return cursor.get("snapshot_key", cursor.get("key"))
+
+
+@dataclass(frozen=True, slots=True)
+class _Unreadable:
+    """A row the adapter could not convert (a value that does not decode): a dead letter, not a record."""
+
+    data: Mapping[str, Any]
+    position: Any
+    reason: str

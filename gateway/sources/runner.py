@@ -25,10 +25,23 @@ source breaker: the store is the gateway's own and has its own retry.
 * **persists its status** (``source_status``) on every state change and breaker transition, and
   otherwise at most every ``status_interval`` seconds, for other processes to read. A store failure
   while writing status is logged; it never stops the runner.
+
+**One active runner per source across replicas.** A runner polls only while it holds the source's
+lease in the store (:meth:`~gateway.store.EventStore.try_acquire_lease`, ``sources[].lease_ttl``).
+Otherwise it is ``standby``: it does not open the adapter, and tries to take the lease every
+``lease_ttl/3`` and right after the holder's lease expires. The holder renews it at least every ``lease_ttl/3`` -- between polls and within
+every wait (waits are cut into slices for that). Every cursor write carries the epoch the lease was
+taken with; when the holder loses the lease (a renewal fails) or its cursor write is fenced
+(``FencingError``: it was stuck past the TTL and another replica took over, or an operator moved
+the cursor), it stops polling at once, closes the adapter and goes back to ``standby``. If the lease
+is still its own (an operator's cursor move), it re-acquires it at once and reloads the committed
+cursor; otherwise it waits for the new holder to stop. On a graceful stop it releases the lease,
+so a standby takes over at its next try.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import socket
@@ -40,7 +53,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from adapters.base import Batch, PollingSource
+from adapters.base import Batch, PollingSource, Reject
 from gateway.config import SourceSettings
 from gateway.errors import (
     CircuitOpenError,
@@ -83,12 +96,16 @@ STATES = (
     "paused-by-operator",  # `gateway sources pause`; waiting for `resume`
     "failed",  # a permanent error; waiting for `resume` (or a restart)
     "drift-stopped",  # schema drift with stop_on_drift; waiting for `accept-drift` or `resume`
-    "fenced",  # another runner took over the source; this one stopped
+    "standby",  # another runner holds the source's lease; waiting to take it over
     "stopped",  # run() returned
 )
 
 #: The routine poll cycle: switching between these is written with the periodic status write only.
 _ROUTINE = frozenset({"idle", "polling"})
+
+#: A renewal is due a little before ``lease_ttl/3`` has passed, so a wait of exactly
+#: ``lease_ttl/3`` that returns a hair early still renews.
+_RENEW_SLACK = 0.95
 
 
 def _wait_on(stop: threading.Event, seconds: float) -> bool:
@@ -153,6 +170,9 @@ class SourceStatus:
     breaker: dict[str, Any] = field(default_factory=dict)
     #: The schema drift against the stored baseline, or ``None`` (see :class:`DriftTracker`).
     drift: dict[str, Any] | None = None
+    #: The lease holder as last seen (this runner's owner while it holds the lease), and until when.
+    lease_holder: str | None = None
+    lease_until: datetime | None = None
 
 
 class SourceRunner:
@@ -168,15 +188,20 @@ class SourceRunner:
         clock: monotonic clock of the source's circuit breaker (when the runner creates its own
             registry), of the status-write and operator-check periods and of drift checks (tests
             inject a fake one).
-        wait: how :meth:`run` waits between polls, in backoff, while paused and while stopped
-            (failed, paused by an operator, drift): ``wait(stop, seconds)`` must return early when
-            ``stop`` is set (tests inject one that moves a fake clock).
+        wait: how :meth:`run` waits between polls, in backoff, while paused, while stopped
+            (failed, paused by an operator, drift) and in standby: ``wait(stop, seconds)`` must
+            return early when ``stop`` is set (tests inject one that moves a fake clock). Waits
+            are at most ``lease_ttl/3`` long, so the lease is renewed in time.
         breakers: the registry the source's breaker comes from; runners given the same registry
             share a breaker when their adapters return the same ``breaker_key()``. Default: a
             private registry.
         status_interval: seconds between status writes and operator-command checks (default:
             ``settings.status_interval``).
-        owner: identity written with the status (default ``hostname:pid:runner-id``).
+        owner: identity holding the lease and written with the status (default
+            ``hostname:pid:runner-id``); unique per runner.
+        lease_ttl: seconds the source's lease lasts unless renewed (default:
+            ``settings.lease_ttl``). Lease times come from the store's (UTC) clock; renewal is
+            scheduled on ``clock``.
     """
 
     def __init__(
@@ -193,6 +218,7 @@ class SourceRunner:
         breakers: BreakerRegistry | None = None,
         status_interval: float | None = None,
         owner: str | None = None,
+        lease_ttl: float | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -203,11 +229,15 @@ class SourceRunner:
         self._on_accept = on_accept
         self._sleep = sleep
         policy = retry or RetryPolicy(attempts=6, base_delay=0.2, max_delay=5.0, deadline=30.0)
-        self._retrying = retrying(policy, sleep=sleep, logger=log)  # reusable; runner is one thread
+        # Reusable (the runner is one thread). Its sleeps renew the lease when due: a fetch or
+        # store write retried with backoff must not let the lease lapse.
+        self._retrying = retrying(policy, sleep=self._sleep_renewing, logger=log)
         self._wait = wait
         self._clock = clock
         self._status_interval = settings.status_interval if status_interval is None else status_interval
-        self._epoch: int | None = None
+        self._lease_ttl = settings.lease_ttl if lease_ttl is None else lease_ttl
+        self._epoch: int | None = None  # the epoch of the lease held; None while not holding it
+        self._renewed_at = float("-inf")  # clock() when the lease was last taken or renewed
         self._started = False
         self._cursor: Any = None
         # Operator wishes as last read from the store.
@@ -217,7 +247,6 @@ class SourceRunner:
         # Periodic work: last time (clock) of each; -inf makes the first one due at once.
         self._saved_at = self._controlled_at = self._drift_checked_at = float("-inf")
         self._status_lock = threading.RLock()  # breaker listeners may save from other runners' threads
-        self._superseded = False  # a runner with a newer epoch reports for this source
         self._pending_dead_letter: dict[str, Any] | None = None
         self._registry = breakers if breakers is not None else BreakerRegistry(clock)
         self._breaker: CircuitBreaker
@@ -272,19 +301,26 @@ class SourceRunner:
 
     # ------------------------------------------------------------------ start and poll
     def start(self) -> None:
-        """Take the fencing epoch, open the adapter, load the cursor, operator state and baseline.
+        """Take the source's lease, open the adapter, load the cursor, operator state and baseline.
 
-        The epoch is taken first, so the newest runner owns the source (and its status row) even
-        while its adapter cannot open. Then the breaker is attached (``breaker_key()`` is called
+        The lease is taken first (unless held already), so the holder owns the source (and its
+        status row) even while its adapter cannot open. The committed cursor is (re)loaded on
+        every start: after a lost lease or an operator's cursor move it is the store's, never the
+        one this runner had in memory. Then the breaker is attached (``breaker_key()`` is called
         after ``open()``), and the fingerprint is checked once.
 
         Raises:
+            FencingError: another runner holds the source's lease (this one is standby).
             GatewayError: the adapter could not open, or the store could not be read.
         """
-        if self._epoch is None:
-            self._epoch = self.store.acquire_epoch(self.settings.name)
+        if self._epoch is None and not self._acquire():
+            raise FencingError(
+                f"source {self.settings.name!r}: the lease is held by {self.status.lease_holder} until "
+                f"{self.status.lease_until}; this runner is standby"
+            )
         state = self.store.get_cursor(self.settings.name)
         control = self.store.get_source_status(self.settings.name)
+        self._cursor = None
         if state is not None and state.cursor is not None:
             self._cursor = state.cursor  # known before open(): a failing open() dead-letters it
         self.adapter.open()
@@ -314,35 +350,68 @@ class SourceRunner:
                         "payload": dumps(jsonable({"data": dict(rec.data), "position": rec.position})).decode(),
                     }
                 )
+        rejects.extend(self._reject_row(r) for r in batch.rejects)
         return events, rejects
+
+    def _reject_row(self, reject: Reject) -> dict[str, Any]:
+        """A dead-letter row for what the adapter could not turn into a record (raw payload kept)."""
+        headers: dict[str, Any] = {**_json_safe(dict(reject.headers)), "position": _json_safe(reject.position)}
+        payload = reject.payload
+        if isinstance(payload, (bytes, bytearray)):
+            try:
+                payload = bytes(payload).decode("utf-8")
+            except UnicodeDecodeError:
+                payload = base64.b64encode(bytes(payload)).decode("ascii")
+                headers["payload_encoding"] = "base64"
+        return {
+            "stage": "source",
+            "source_name": self.settings.name,
+            "error_class": reject.error_class,
+            "reason": reject.reason,
+            "payload": payload,
+            "headers": headers,
+            "attempts": reject.attempts,
+        }
 
     def run_once(self) -> Batch:
         """Poll once and commit the batch; returns the batch read.
 
         Raises:
-            FencingError: another runner took over this source; stop.
+            FencingError: this runner does not hold the source's lease (standby), lost it, or its
+                cursor write was refused (another runner took over, or an operator moved the
+                cursor): nothing of the batch was written. The runner forgets the lease and closes
+                the adapter; the next call tries to take the lease again and reloads the cursor.
             GatewayError: a permanent error, or a transient one that outlived the retry policy.
         """
         if not self._started:
             self.start()
         self._set_state("polling")
         try:
-            batch = self._fetch_guarded()
-        finally:
-            self.status.breaker = self.breaker.snapshot()
-        events, rejects = self.map_batch(batch)
-        result = AcceptResult(inserted=[], duplicates=[])
-        if batch.records:  # an empty poll writes nothing: no transaction at all
-            for attempt in self._retrying:
-                with attempt:
-                    result = self.store.accept(
-                        events,
-                        source_name=self.settings.name,
-                        cursor=batch.cursor,
-                        epoch=self._epoch,
-                        write_cursor=True,
-                        rejects=rejects,
-                    )
+            try:
+                batch = self._fetch_guarded()
+            finally:
+                self.status.breaker = self.breaker.snapshot()
+            try:
+                events, rejects = self.map_batch(batch)
+                result = AcceptResult(inserted=[], duplicates=[])
+                if batch.records or batch.rejects:  # an empty poll writes nothing: no transaction at all
+                    for attempt in self._retrying:
+                        with attempt:
+                            result = self.store.accept(
+                                events,
+                                source_name=self.settings.name,
+                                cursor=batch.cursor,
+                                epoch=self._epoch,
+                                write_cursor=True,
+                                rejects=rejects,
+                            )
+            except BaseException:
+                self._release(batch)  # not committed: the adapter gives back what it holds
+                raise
+        except FencingError:
+            self._drop_lease()
+            raise
+        self.adapter.committed(batch)  # after the commit, never before (a queue acks here)
         self._cursor = batch.cursor
         st = self.status
         st.polls += 1
@@ -357,6 +426,12 @@ class SourceRunner:
         if result.inserted and self._on_accept:
             self._on_accept()
         return batch
+
+    def _release(self, batch: Batch) -> None:
+        try:
+            self.adapter.released(batch)
+        except Exception:  # noqa: BLE001 -- the commit's own error is the one to report
+            log.exception("source %r: adapter.released() failed", self.settings.name)
 
     def _fetch_guarded(self) -> Batch:
         """``Retry(CircuitBreaker(fetch))``: every attempt is one call through the source breaker.
@@ -400,6 +475,11 @@ class SourceRunner:
     def run(self, stop: threading.Event) -> None:
         """Poll until ``stop`` is set: at once while the source has more, else every ``interval``.
 
+        Only while this runner holds the source's lease; otherwise it is ``standby`` (see the
+        module docstring) until it can take the lease over. A lost lease or a fenced cursor write
+        sends it back to standby; it never stops the runner. On return, :meth:`close` releases
+        the lease.
+
         While the source breaker is open, the source is *paused* (``status.state == "paused"``):
         the runner waits the breaker's ``retry_after`` instead of the generic backoff and does not
         call the adapter; then the breaker's half-open trial polls go through, and once it closes
@@ -411,75 +491,240 @@ class SourceRunner:
         (``gateway sources resume``) or the process restarts. ``gateway sources pause`` stops
         polling (``paused-by-operator``) within ``status_interval`` until resumed. Schema drift
         with the adapter's ``stop_on_drift`` stops polling (``drift-stopped``) until the drift is
-        accepted or the source resumed.
+        accepted or the source resumed. In these states the runner keeps (and renews) the lease.
         """
         backoff = 1.0
-        while not stop.is_set() and not self._superseded:
-            try:
-                if not self._started:
-                    self.start()
-                self._refresh_control()
-                if self._desired == DESIRED_PAUSED:
-                    self._hold(stop, "paused-by-operator", needs_command=False)
-                    continue
-                self._maybe_check_drift()
-                if self._drift.blocks(self.adapter.stop_on_drift):
-                    if self._hold(stop, "drift-stopped", needs_command=True):
-                        self._drift.override()  # resumed without accepting: poll despite this digest
-                        self.status.drift = self._drift.drift
-                    continue
-                batch = self.run_once()
-                backoff = 1.0
-                if not batch.has_more:
-                    self._pace(stop, self.settings.interval)
-            except FencingError as exc:
-                self.status.last_error = str(exc)
-                self._set_state("fenced")
-                log.error("%s; this runner stops", exc)
-                break
-            except (PermanentError, ConfigurationError) as exc:
-                self._fail(exc)
-                self._hold(stop, "failed", needs_command=True)
-                backoff = 1.0
-            except Exception as exc:  # noqa: BLE001 -- a runner must never die silently
-                pause = self._pause_for(exc)
-                self.status.last_error = f"{type(exc).__name__}: {exc}"
-                if pause is not None:
-                    self.status.breaker = self._breaker.snapshot()
-                    self._set_state("paused")
-                    log.warning(
-                        "source %r: paused, circuit open (%s: %s); next trial poll in %.1fs",
-                        self.settings.name, type(exc).__name__, exc, pause,
-                    )
-                    # Not cut into status_interval slices: the adapter is not called while
-                    # paused, and operator commands are checked before the next trial poll.
-                    self._wait(stop, pause)
+        try:
+            while not stop.is_set():
+                try:
+                    if self._epoch is None and not self._standby(stop):
+                        break
+                    backoff = self._step(stop, backoff)
+                except FencingError as exc:
+                    self._lose_lease(exc)
                     backoff = 1.0
-                    continue
-                self._set_state("backoff")
-                if isinstance(exc, GatewayError):
-                    log.error("source %r: %s: %s (next try in %.0fs)", self.settings.name, type(exc).__name__, exc, backoff)
-                else:
-                    log.exception("source %r: unexpected error (next try in %.0fs)", self.settings.name, backoff)
-                self._pace(stop, backoff)
-                backoff = min(backoff * 2, 60.0)
-        if self._superseded and self.status.state != "fenced":
-            self.status.state = "fenced"  # not written: the row belongs to the newer runner
-            log.error("source %r: a runner with a newer epoch reports for this source; this runner stops", self.settings.name)
-        self.adapter.close()
-        if self.status.state != "fenced":
-            self._set_state("stopped")
+        finally:
+            self.close()
 
-    def _pace(self, stop: threading.Event, seconds: float) -> None:
-        """Wait ``seconds`` in ``status_interval`` slices, ending early on a pause command."""
+    def _step(self, stop: threading.Event, backoff: float) -> float:
+        """One turn of :meth:`run` while holding the lease; returns the next backoff.
+
+        Raises:
+            FencingError: the lease is lost or the cursor write was fenced (from anywhere
+                inside, waits included).
+        """
+        try:
+            self._keep_lease()
+            if not self._started:
+                self.start()
+            self._refresh_control()
+            if self._desired == DESIRED_PAUSED:
+                self._hold(stop, "paused-by-operator", needs_command=False)
+                return backoff
+            self._maybe_check_drift()
+            if self._drift.blocks(self.adapter.stop_on_drift):
+                if self._hold(stop, "drift-stopped", needs_command=True):
+                    self._drift.override()  # resumed without accepting: poll despite this digest
+                    self.status.drift = self._drift.drift
+                return backoff
+            batch = self.run_once()
+            if not batch.has_more:
+                self._pace(stop, self.settings.interval)
+            return 1.0
+        except FencingError:
+            raise  # a PermanentError, but not the source's: run() goes back to standby
+        except (PermanentError, ConfigurationError) as exc:
+            self._fail(exc)
+            self._hold(stop, "failed", needs_command=True)
+            return 1.0
+        except Exception as exc:  # noqa: BLE001 -- a runner must never die silently
+            pause = self._pause_for(exc)
+            self.status.last_error = f"{type(exc).__name__}: {exc}"
+            if pause is not None:
+                self.status.breaker = self._breaker.snapshot()
+                self._set_state("paused")
+                log.warning(
+                    "source %r: paused, circuit open (%s: %s); next trial poll in %.1fs",
+                    self.settings.name, type(exc).__name__, exc, pause,
+                )
+                # Not cut into status_interval slices: the adapter is not called while paused,
+                # and operator commands are checked before the next trial poll. Cut into
+                # lease_ttl/3 slices, though, to renew the lease.
+                self._wait_holding(stop, pause)
+                return 1.0
+            self._set_state("backoff")
+            if isinstance(exc, GatewayError):
+                log.error("source %r: %s: %s (next try in %.0fs)", self.settings.name, type(exc).__name__, exc, backoff)
+            else:
+                log.exception("source %r: unexpected error (next try in %.0fs)", self.settings.name, backoff)
+            self._pace(stop, backoff)
+            return min(backoff * 2, 60.0)
+
+    def close(self) -> None:
+        """Stop holding the source: close the adapter, report ``stopped``, release the lease.
+
+        What :meth:`run` does when it returns; call it after driving the runner with
+        :meth:`run_once`. Releasing lets a standby replica take over at its next try instead of
+        after the TTL. Store failures are logged (the lease then expires by itself).
+        """
+        self.adapter.close()
+        self._started = False
+        self._set_state("stopped")
+        epoch, self._epoch = self._epoch, None
+        try:
+            if epoch is not None:
+                self.store.release_lease(self.settings.name, self.owner, epoch)
+            self.store.remove_runner(self.settings.name, self.owner)
+        except Exception as exc:  # noqa: BLE001 -- best effort: the lease expires by itself
+            log.warning("source %r: could not release its lease (%s: %s)", self.settings.name, type(exc).__name__, exc)
+
+    # ------------------------------------------------------------------ the lease
+    def _acquire(self) -> bool:
+        """Try to take (or extend) the lease; ``status.lease_holder`` says who holds it.
+
+        Raises:
+            StoreUnavailableError: the store could not be asked.
+        """
+        name = self.settings.name
+        asked_at = self._clock()
+        epoch = self.store.try_acquire_lease(name, self.owner, self._lease_ttl)
+        if epoch is None:
+            state = self.store.get_cursor(name)
+            self.status.lease_holder = state.lease_owner if state else None
+            self.status.lease_until = state.lease_until if state else None
+            return False
+        if epoch != self._epoch:
+            log.info("source %r: this runner (%s) holds the lease, epoch %d", name, self.owner, epoch)
+        self._epoch, self._renewed_at = epoch, asked_at
+        self.status.lease_holder = self.owner
+        self.status.lease_until = None
+        return True
+
+    def _standby(self, stop: threading.Event) -> bool:
+        """Wait as ``standby`` until the lease is ours: try now, then every ``lease_ttl/3`` and
+        right after the holder's lease expires.
+
+        The adapter stays closed meanwhile. Returns ``True`` once the lease is held, ``False``
+        when ``stop`` is set.
+        """
+        announced: str | None = None
+        while not stop.is_set():
+            try:
+                if self._acquire():
+                    if announced is not None:
+                        log.warning("source %r: took the lease over from %s", self.settings.name, announced)
+                    return True
+            except Exception as exc:  # noqa: BLE001 -- the store may come back; keep trying
+                log.warning("source %r: could not try the lease (%s: %s)", self.settings.name, type(exc).__name__, exc)
+            holder = self.status.lease_holder or "-"
+            if holder != announced:
+                log.info(
+                    "source %r: standby; the lease is held by %s until %s", self.settings.name, holder,
+                    self.status.lease_until,
+                )
+                announced = holder
+            self._set_state("standby")
+            self._save_status()  # heartbeat of this standby runner
+            self._wait(stop, self._standby_pause())
+        return False
+
+    def _standby_pause(self) -> float:
+        """``lease_ttl/3``, or less when the holder's lease expires sooner: then the next try is
+        right after the expiry, so a standby takes over at most ``lease_ttl`` after the holder's
+        last renewal (plus the clock skew between the two)."""
+        pause = self._lease_ttl / 3
+        until = self.status.lease_until
+        if until is not None:
+            try:
+                left = (until - self.store.now()).total_seconds()
+            except Exception:  # noqa: BLE001 -- a store without a clock: the plain period
+                return pause
+            pause = min(pause, max(left, 0.0) + self._lease_ttl / 100)
+        return pause
+
+    def _keep_lease(self) -> None:
+        """Renew the lease when ``lease_ttl/3`` passed since it was last taken or renewed.
+
+        Raises:
+            FencingError: the lease is lost (another runner took it, or an operator moved the
+                cursor), or it could not be renewed for a whole TTL (the store is unreachable:
+                another replica may hold it by now).
+        """
+        if self._epoch is None:
+            raise FencingError(f"source {self.settings.name!r}: this runner does not hold the lease")
+        now = self._clock()
+        if now - self._renewed_at < self._lease_ttl / 3 * _RENEW_SLACK:
+            return
+        try:
+            renewed = self.store.renew_lease(self.settings.name, self.owner, self._epoch, self._lease_ttl)
+        except Exception as exc:  # noqa: BLE001 -- retried at the next slice while the lease lasts
+            if now - self._renewed_at >= self._lease_ttl:
+                raise FencingError(
+                    f"source {self.settings.name!r}: the lease could not be renewed for {self._lease_ttl:g} s "
+                    f"({type(exc).__name__}); another runner may hold it"
+                ) from exc
+            log.warning("source %r: could not renew the lease (%s: %s)", self.settings.name, type(exc).__name__, exc)
+            return
+        if not renewed:
+            raise FencingError(
+                f"source {self.settings.name!r}: lease with epoch {self._epoch} lost (another runner took the "
+                "source over, or an operator moved the cursor)"
+            )
+        self._renewed_at = now
+
+    def _renewal_in(self) -> float:
+        """Seconds until the next renewal is due: how long a wait may last while holding."""
+        return max(self._renewed_at + self._lease_ttl / 3 - self._clock(), self._lease_ttl / 30)
+
+    def _sleep_renewing(self, seconds: float) -> None:
+        """The retry policy's sleep: sleep, then renew the lease if due (raises FencingError if lost)."""
+        self._sleep(seconds)
+        if self._epoch is not None:
+            self._keep_lease()
+
+    def _drop_lease(self) -> None:
+        """Forget the lease (lost or fenced) and close the adapter; the next start re-acquires."""
+        self._epoch = None
+        self._started = False
+        self.status.lease_holder = None
+        try:
+            self.adapter.close()
+        except Exception as exc:  # noqa: BLE001 -- closing is best effort
+            log.warning("source %r: closing the adapter failed (%s: %s)", self.settings.name, type(exc).__name__, exc)
+
+    def _lose_lease(self, exc: FencingError) -> None:
+        """Stop polling after a lost lease or a fenced cursor write, and go back to standby."""
+        self._drop_lease()
+        self.status.last_error = f"{type(exc).__name__}: {exc}"
+        log.error(
+            "%s; this runner stops polling, closes the adapter and waits as standby "
+            "(it re-acquires at once if the lease is still its own)", exc,
+        )
+
+    # ------------------------------------------------------------------ waits
+    def _wait_holding(self, stop: threading.Event, seconds: float) -> None:
+        """Wait ``seconds`` in slices that end when a renewal is due (at most ``lease_ttl/3``),
+        renewing the lease after each."""
         remaining = seconds
         while remaining > 0 and not stop.is_set():
-            step = min(remaining, self._status_interval)
+            step = min(remaining, self._renewal_in())
             self._wait(stop, step)
             remaining -= step
+            self._keep_lease()
+
+    def _pace(self, stop: threading.Event, seconds: float) -> None:
+        """Wait ``seconds`` in ``status_interval`` slices (cut where a lease renewal is due),
+        renewing the lease and ending early on a pause command."""
+        remaining = seconds
+        while remaining > 0 and not stop.is_set():
+            step = min(remaining, self._status_interval, self._renewal_in())
+            self._wait(stop, step)
+            remaining -= step
+            self._keep_lease()
             if remaining > 0:
+                self._save_status()  # heartbeat during long intervals
                 self._refresh_control()
-                if self._desired == DESIRED_PAUSED or self._superseded:
+                if self._desired == DESIRED_PAUSED:
                     return
 
     def _hold(self, stop: threading.Event, state: str, *, needs_command: bool) -> bool:
@@ -500,10 +745,11 @@ class SourceRunner:
             return True  # resumed before this runner saw the pause
         since = self._generation
         self._set_state(state)
-        while not stop.is_set() and not self._superseded:
-            self._wait(stop, self._status_interval)
+        while not stop.is_set():
+            self._wait(stop, min(self._status_interval, self._renewal_in()))
             if stop.is_set():
                 break
+            self._keep_lease()
             self._flush_dead_letter()
             self._refresh_control(force=True)
             if self._desired == DESIRED_RUNNING and (not needs_command or self._generation > since):
@@ -599,21 +845,27 @@ class SourceRunner:
     def _save_status(self, *, force: bool = False) -> None:
         """Write the status to the store (at most every ``status_interval`` unless ``force``).
 
-        Never raises: a store failure is logged and the next write tries again. Nothing is written
-        before the runner holds an epoch (the row belongs to whichever runner holds the newest).
+        Every runner refreshes its heartbeat row (``source_runners``: state and epoch). Only the
+        lease holder writes the source's status row, with its epoch, so a standby or a runner that
+        was taken over never clobbers the holder's report (the store refuses writes with an older
+        epoch). Never raises: a store failure is logged and the next write tries again.
         """
         now = self._clock()
-        if self._epoch is None or (not force and now - self._saved_at < self._status_interval):
+        if not force and now - self._saved_at < self._status_interval:
             return
         with self._status_lock:
             self._saved_at = now
             st = self.status
+            epoch = self._epoch
             try:
-                written = self.store.save_source_status(
+                self.store.save_runner(self.settings.name, self.owner, state=st.state, epoch=epoch)
+                if epoch is None:
+                    return
+                self.store.save_source_status(
                     self.settings.name,
                     state=st.state,
                     owner=self.owner,
-                    epoch=self._epoch,
+                    epoch=epoch,
                     last_poll_at=st.last_poll_at,
                     last_error=st.last_error,
                     polls=st.polls,
@@ -625,9 +877,6 @@ class SourceRunner:
                 )
             except Exception as exc:  # noqa: BLE001 -- status is best effort; polling goes on
                 log.warning("source %r: could not save its status (%s: %s)", self.settings.name, type(exc).__name__, exc)
-                return
-            if not written:
-                self._superseded = True
 
     def _refresh_control(self, *, force: bool = False) -> None:
         """Read operator commands and the drift baseline (at most every ``status_interval``)."""

@@ -1,6 +1,7 @@
-"""The gateway store: outbox, cursors, source status, scores and dead letters (SQLAlchemy + Alembic)."""
+"""The gateway store: outbox, cursors and leases, source status, scores and dead letters (SQLAlchemy + Alembic)."""
 
 from gateway.store.engine import engine_from_settings, make_engine
+from gateway.store.leases import LeaseRepository
 from gateway.store.repository import (
     AcceptResult,
     CursorState,
@@ -11,7 +12,11 @@ from gateway.store.repository import (
     ScoreRecord,
     StoredEvent,
 )
-from gateway.store.status import SourceStatusRepository, StoredSourceStatus
+from gateway.store.status import (
+    SourceStatusRepository,
+    StoredRunner,
+    StoredSourceStatus,
+)
 
 __all__ = [
     "AcceptResult",
@@ -19,10 +24,12 @@ __all__ = [
     "DeadLetter",
     "EventFilter",
     "EventStore",
+    "LeaseRepository",
     "OutboxRow",
     "ScoreRecord",
     "SourceStatusRepository",
     "StoredEvent",
+    "StoredRunner",
     "StoredSourceStatus",
     "engine_from_settings",
     "make_engine",

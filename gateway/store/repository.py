@@ -6,13 +6,24 @@ Every method is one transaction. Nothing here retries; callers decide (see ``gat
 
 from __future__ import annotations
 
-
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Integer, and_, any_, bindparam, func, or_, select, true, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Integer,
+    and_,
+    any_,
+    bindparam,
+    func,
+    or_,
+    select,
+    true,
+    update,
+)
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
@@ -21,7 +32,7 @@ from gateway.events import Event, utcnow
 from gateway.events.jsonsafe import loads
 from gateway.store._sql import guard as _guard
 from gateway.store._sql import insert_ignore as _insert_ignore
-from gateway.store.status import SourceStatusRepository
+from gateway.store.leases import LeaseRepository
 from gateway.store.schema import (
     EVENT_PENDING,
     EVENT_PUBLISHED,
@@ -30,6 +41,7 @@ from gateway.store.schema import (
     scores,
     source_cursors,
 )
+from gateway.store.status import SourceStatusRepository
 
 __all__ = [
     "EventStore",
@@ -95,13 +107,29 @@ class StoredEvent:
 
 @dataclass(frozen=True, slots=True)
 class CursorState:
-    """A source's committed cursor."""
+    """A source's committed cursor and its lease.
+
+    Attributes:
+        source_name: the source.
+        cursor: the committed cursor (``None``: the adapter's initial cursor).
+        epoch: the fencing epoch; bumped by every lease takeover and operator cursor move.
+        updated_at: when the cursor was last written.
+        events_total: events committed with it, over all runners.
+        lease_owner: the runner holding the lease, ``None`` when free.
+        lease_until: when the lease expires unless renewed (UTC).
+    """
 
     source_name: str
     cursor: Any
     epoch: int
     updated_at: datetime
     events_total: int
+    lease_owner: str | None = None
+    lease_until: datetime | None = None
+
+    def lease_live(self, now: datetime) -> bool:
+        """Whether someone holds the lease at ``now`` (held and not expired)."""
+        return self.lease_owner is not None and self.lease_until is not None and self.lease_until >= now
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,8 +173,9 @@ def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]
         yield items[i : i + size]
 
 
-class EventStore(SourceStatusRepository):
-    """Repository over the gateway store (source status methods: :class:`SourceStatusRepository`).
+class EventStore(SourceStatusRepository, LeaseRepository):
+    """Repository over the gateway store (source status methods: :class:`SourceStatusRepository`;
+    source leases: :class:`~gateway.store.leases.LeaseRepository`).
 
     Args:
         engine: SQLAlchemy engine of the store (migrated to head).
@@ -164,6 +193,10 @@ class EventStore(SourceStatusRepository):
 
             self._copy_insert = copy_insert
         self._build_statements()
+
+    def now(self) -> datetime:
+        """The store's clock: aware UTC "now" (lease times and timestamps are taken from it)."""
+        return self._clock()
 
     def _build_statements(self) -> None:
         """Build the hot statements once: constructing SQLAlchemy expressions per call costs more
@@ -212,7 +245,8 @@ class EventStore(SourceStatusRepository):
             batch: events to accept.
             source_name: the source the batch came from (lineage; cursor owner).
             cursor: the cursor after this batch (JSON-safe); written when ``write_cursor``.
-            epoch: fencing epoch of the writer; the cursor write fails if the stored epoch differs.
+            epoch: fencing epoch of the writer (from :meth:`try_acquire_lease`); the cursor write
+                fails if the stored epoch differs (a takeover or an operator's cursor move since).
             write_cursor: whether to write ``cursor`` (``None`` is a valid cursor to store).
             rejects: dead letters for records of this batch that could not be mapped, stored in
                 the same transaction (keys of :meth:`add_dead_letter`), so a record is either an
@@ -312,40 +346,27 @@ class EventStore(SourceStatusRepository):
         )
 
     # ------------------------------------------------------------------ cursors
-    def acquire_epoch(self, source_name: str) -> int:
-        """Start writing ``source_name``'s cursor: bump and return its fencing epoch.
+    def set_cursor(self, source_name: str, cursor: Any) -> int:
+        """Set (or reset with ``None``) a source's cursor, as an operator; returns the new epoch.
 
-        A runner that started earlier holds an older epoch and its next cursor write fails with
-        :class:`FencingError`, so two runners never both advance one cursor.
+        One ``UPDATE`` writes the cursor and bumps the epoch together, so a
+        runner's concurrent cursor write either commits before it (and is overwritten) or affects
+        0 rows (:class:`FencingError`). The lease is left alone: its holder's next renewal fails
+        on the new epoch, it re-acquires its own lease and reloads this cursor.
         """
         now = self._clock()
-        with _guard('acquire_epoch'), self.engine.begin() as conn:
+        c = source_cursors.c
+        with _guard("set_cursor"), self.engine.begin() as conn:
             conn.execute(
                 _insert_ignore(conn, source_cursors, ["source_name"]),
                 {"source_name": source_name, "cursor": None, "epoch": 0, "updated_at": now, "events_total": 0},
             )
             conn.execute(
                 update(source_cursors)
-                .where(source_cursors.c.source_name == source_name)
-                .values(epoch=source_cursors.c.epoch + 1)
+                .where(c.source_name == source_name)
+                .values(cursor=cursor, epoch=c.epoch + 1, updated_at=now)
             )
-            return int(
-                conn.execute(
-                    select(source_cursors.c.epoch).where(source_cursors.c.source_name == source_name)
-                ).scalar_one()
-            )
-
-    def set_cursor(self, source_name: str, cursor: Any) -> int:
-        """Set (or reset with ``None``) a source's cursor; bumps the epoch so a running runner
-        is fenced off and must restart from the new cursor. Returns the new epoch."""
-        epoch = self.acquire_epoch(source_name)
-        with _guard("set_cursor"), self.engine.begin() as conn:
-            conn.execute(
-                update(source_cursors)
-                .where(source_cursors.c.source_name == source_name)
-                .values(cursor=cursor, updated_at=self._clock())
-            )
-        return epoch
+            return int(conn.execute(select(c.epoch).where(c.source_name == source_name)).scalar_one())
 
     def get_cursor(self, source_name: str) -> CursorState | None:
         """The committed cursor of ``source_name``, or ``None`` if it never ran."""
@@ -361,7 +382,9 @@ class EventStore(SourceStatusRepository):
 
     @staticmethod
     def _cursor_state(row: Any) -> CursorState:
-        return CursorState(row.source_name, row.cursor, row.epoch, row.updated_at, row.events_total)
+        return CursorState(
+            row.source_name, row.cursor, row.epoch, row.updated_at, row.events_total, row.lease_owner, row.lease_until
+        )
 
     # ------------------------------------------------------------------ relay
     def claim_pending(self, owner: str, limit: int, claim_seconds: float) -> list[OutboxRow]:

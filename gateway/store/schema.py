@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from gateway.store.types import UTCDateTime
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -17,11 +16,14 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
+from gateway.store.types import UTCDateTime
+
 __all__ = [
     "metadata",
     "events",
     "source_cursors",
     "source_status",
+    "source_runners",
     "scores",
     "dead_letters",
     "EVENT_PENDING",
@@ -73,7 +75,9 @@ events = Table(
     Index(None, "type", "seq"),
 )
 
-#: One cursor per source, written in the same transaction as the source's events.
+#: One cursor per source, written in the same transaction as the source's events, and the
+#: source's lease: the runner named ``lease_owner`` polls it until ``lease_until`` (renewed while
+#: it lives). Taking the lease over bumps ``epoch``; every cursor write is conditional on it.
 source_cursors = Table(
     "source_cursors",
     metadata,
@@ -82,6 +86,8 @@ source_cursors = Table(
     Column("epoch", BigInteger, nullable=False, default=0, comment="Fencing epoch of the writer"),
     Column("updated_at", UTCDateTime(), nullable=False),
     Column("events_total", BigInteger, nullable=False, default=0),
+    Column("lease_owner", String(255), nullable=True, comment="hostname:pid:runner-id of the lease holder"),
+    Column("lease_until", UTCDateTime(), nullable=True, comment="Lease expiry (UTC, gateway clock)"),
 )
 
 #: What each source's runner last reported, plus the operator's wishes and the drift baseline.
@@ -109,6 +115,18 @@ source_status = Table(
     Column("desired_generation", BigInteger, nullable=False, default=0, server_default="0",
            comment="Bumped by every operator command; a failed source resumes on a newer one"),
     Column("desired_at", UTCDateTime(), nullable=True, comment="Time of the last operator command"),
+    Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+#: One row per live source runner (holder or standby): its heartbeat, for `gateway sources list`.
+#: A runner removes its row when it stops; rows of crashed runners stop being refreshed.
+source_runners = Table(
+    "source_runners",
+    metadata,
+    Column("source_name", String(128), primary_key=True),
+    Column("owner", String(255), primary_key=True, comment="hostname:pid:runner-id"),
+    Column("state", String(32), nullable=False, comment="The runner's state (standby, idle, polling...)"),
+    Column("epoch", BigInteger, nullable=True, comment="Fencing epoch it holds; null while standby"),
     Column("updated_at", UTCDateTime(), nullable=False),
 )
 

@@ -10,6 +10,10 @@ One ``source_status`` row per source, written by three parties that never overwr
   from the default ``running``;
 * the drift baseline (:meth:`~SourceStatusRepository.set_fingerprint_baseline`).
 
+Besides, every runner of a source -- the lease holder and the standby replicas -- keeps a
+heartbeat row in ``source_runners`` (:meth:`~SourceStatusRepository.save_runner`), so operators
+see the standbys too.
+
 Other processes (``gateway sources list``, an API-only process's ``/readyz``) read the rows.
 """
 
@@ -17,19 +21,28 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, or_, select, update
+from sqlalchemy import Connection, Engine, delete, or_, select, update
 
 from gateway.events.jsonsafe import jsonable
 from gateway.store._sql import guard, insert_ignore
-from gateway.store.schema import DESIRED_PAUSED, DESIRED_RUNNING, source_status
+from gateway.store.schema import (
+    DESIRED_PAUSED,
+    DESIRED_RUNNING,
+    source_runners,
+    source_status,
+)
 
-__all__ = ["LAST_ERROR_MAX", "SourceStatusRepository", "StoredSourceStatus"]
+__all__ = ["LAST_ERROR_MAX", "RUNNER_ROW_MAX_AGE", "SourceStatusRepository", "StoredRunner", "StoredSourceStatus"]
 
 #: Longest ``last_error`` kept (characters); the full text is in the logs and dead letters.
 LAST_ERROR_MAX = 2000
+
+#: ``source_runners`` rows not refreshed for this long (crashed runners) are deleted by the next
+#: heartbeat of any runner of the same source.
+RUNNER_ROW_MAX_AGE = timedelta(hours=1)
 
 #: ``state`` of a row that an operator command created before any runner reported.
 _UNKNOWN = "unknown"
@@ -90,6 +103,25 @@ class StoredSourceStatus:
         """JSON-safe dict of every field (datetimes as ISO-8601 UTC)."""
         out: dict[str, Any] = jsonable(asdict(self))
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRunner:
+    """One source runner's heartbeat.
+
+    Attributes:
+        source_name: the source.
+        owner: the runner's ``hostname:pid:runner-id``.
+        state: its state (``standby`` while another runner holds the lease).
+        epoch: the fencing epoch it holds, ``None`` while standby.
+        updated_at: its last heartbeat.
+    """
+
+    source_name: str
+    owner: str
+    state: str
+    epoch: int | None
+    updated_at: datetime
 
 
 class SourceStatusRepository:
@@ -223,6 +255,56 @@ class SourceStatusRepository:
         values = {"fingerprint": digest, "fingerprint_parts": dict(parts), "fingerprint_at": self._clock(), "drift": None}
         with guard("set_fingerprint_baseline"), self.engine.begin() as conn:
             self._upsert_control(conn, source_name, values, values)
+
+    # ------------------------------------------------------------------ runner heartbeats
+    def save_runner(self, source_name: str, owner: str, *, state: str, epoch: int | None) -> None:
+        """Insert or refresh one runner's heartbeat row; prune the source's rows of dead runners.
+
+        Args:
+            source_name: the source.
+            owner: the runner's identity.
+            state: its state.
+            epoch: the epoch it holds, ``None`` while standby.
+
+        Raises:
+            StoreUnavailableError: the transaction did not commit.
+        """
+        now = self._clock()
+        c = source_runners.c
+        values = {"state": state, "epoch": epoch, "updated_at": now}
+        mine = (c.source_name == source_name) & (c.owner == owner)
+        with guard("save_runner"), self.engine.begin() as conn:
+            if not conn.execute(update(source_runners).where(mine).values(**values)).rowcount:
+                row = {"source_name": source_name, "owner": owner, **values}
+                if not conn.execute(insert_ignore(conn, source_runners, ["source_name", "owner"]), row).rowcount:
+                    conn.execute(update(source_runners).where(mine).values(**values))
+            conn.execute(
+                delete(source_runners).where(c.source_name == source_name, c.updated_at < now - RUNNER_ROW_MAX_AGE)
+            )
+
+    def remove_runner(self, source_name: str, owner: str) -> None:
+        """Delete a runner's heartbeat row (it stopped).
+
+        Raises:
+            StoreUnavailableError: the transaction did not commit.
+        """
+        c = source_runners.c
+        with guard("remove_runner"), self.engine.begin() as conn:
+            conn.execute(delete(source_runners).where(c.source_name == source_name, c.owner == owner))
+
+    def list_runners(self, source_name: str | None = None) -> list[StoredRunner]:
+        """Runner heartbeats (of one source, or all), by source and owner.
+
+        Rows of crashed runners remain until pruned; compare ``updated_at`` with the source's
+        ``status_interval`` and ``lease_ttl`` to tell live runners.
+        """
+        c = source_runners.c
+        query = select(source_runners).order_by(c.source_name, c.owner)
+        if source_name is not None:
+            query = query.where(c.source_name == source_name)
+        with guard("list_runners"), self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        return [StoredRunner(r.source_name, r.owner, r.state, r.epoch, r.updated_at) for r in rows]
 
     # ------------------------------------------------------------------ internals
     def _defaults(self, source_name: str) -> dict[str, Any]:

@@ -79,7 +79,7 @@ def test_page_number_paging_resumes_mid_scan_after_a_restart(sqlite_store: Event
         first.run_once()
     stored = sqlite_store.get_cursor("legacy-orders")
     assert stored is not None and stored.cursor["page"] == 6
-    first.adapter.close()
+    first.close()  # the process stops (and releases the source's lease)
 
     second = make_runner(sqlite_store, page_config(sim))  # a new process: starts from the stored cursor
     drain(second)

@@ -112,7 +112,9 @@ def test_restart_in_the_middle_of_paging_loses_and_repeats_nothing(sqlite_store:
         assert first.run_once().has_more
     cursor = sqlite_store.get_cursor("legacy-orders").cursor  # type: ignore[union-attr]
     assert cursor["page_token"] and cursor["key"] == 40
-    first.adapter.close()  # "crash": the runner is gone, the committed cursor stays
+    # The runner is gone, the committed cursor stays. (A stop that releases the source's lease: after a
+    # real crash the restarted runner would wait as standby until the dead one's lease expired.)
+    first.close()
     sim.update(3, status="CANCELLED")  # updated behind the scan: comes once more at the end
     second = make_runner(sqlite_store, cfg)
     drain(second)

@@ -248,7 +248,9 @@ def test_run_pauses_while_open_and_resumes_at_full_speed(sqlite_store: EventStor
             stop_.set()
         return stop_.wait(0.001)
 
-    runner, adapter, _ = make_runner(sqlite_store, n=9, clock=clock, wait=wait)
+    # Waits are cut into lease_ttl/3 slices to renew the source's lease; a long TTL keeps the
+    # breaker's 30 s pause in one wait, which is what this test observes.
+    runner, adapter, _ = make_runner(sqlite_store, n=9, clock=clock, wait=wait, lease_ttl=300.0)
     stored_count = lambda: sqlite_store.stats()["events"]  # noqa: E731
     transitions: list[tuple[BreakerState, BreakerState]] = []
     runner.breaker.add_listener(lambda name, old, new: transitions.append((old, new)))

@@ -6,6 +6,7 @@ import json
 import logging
 import threading
 from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -24,6 +25,7 @@ from gateway.sources.runner import SourceRunner
 from gateway.store import EventStore
 from tests.fakes import FakeClock
 
+T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
 RETRY = RetryPolicy(attempts=3, base_delay=0.001, max_delay=0.001, deadline=5.0)
 BREAKER = {"window_size": 2, "minimum_calls": 2, "failure_rate_threshold": 50, "wait_in_open": 30, "half_open_permits": 1}
 
@@ -240,20 +242,34 @@ def test_a_store_failure_while_saving_status_never_stops_the_runner(
     assert "could not save its status (RuntimeError: status table on fire)" in caplog.text
 
 
-def test_a_runner_superseded_by_a_newer_one_stops(sqlite_store: EventStore) -> None:
-    """An idle runner never writes a cursor (so never meets FencingError); its status write tells it."""
+def test_a_runner_whose_lease_was_taken_over_goes_to_standby(sqlite_store: EventStore) -> None:
+    """An idle runner never writes a cursor (so never meets FencingError); its lease renewal tells it.
+
+    This used to be "a runner superseded by a newer one stops": a newer runner took the source
+    over at once and the older one learnt it from a refused status write. With leases, a newer
+    runner takes over only once the holder stopped renewing for the lease TTL (here the holder's
+    clock stands still past it, as if stuck); the old holder's next renewal fails, and it goes to
+    standby (not polling, not clobbering the new holder's status) instead of stopping for good.
+    """
     clock = FakeClock()
+    store = EventStore(sqlite_store.engine, clock=lambda: T0 + timedelta(seconds=clock.now))
     old_adapter = FakeSource(0)  # nothing to read: no cursor write, no fencing error
-    script = Script(clock, lambda n, state: False, limit=20)
-    old = runner_for(sqlite_store, old_adapter, clock, wait=script)
+    script = Script(clock, lambda n, state: state == "standby", limit=20)
+    old = runner_for(store, old_adapter, clock, wait=script)
     script.runner = old
-    old.start()
-    new = runner_for(sqlite_store, FakeSource(0), clock)
-    new.run_once()  # newer epoch; reports first
+    old.start()  # holds the lease (TTL 30 s)
+    clock.advance(31)  # ... and renews nothing for longer than the TTL
+    new = runner_for(store, FakeSource(0), clock)
+    new.run_once()  # takes the expired lease over (a new epoch) and reports
+    assert new._epoch == old._epoch + 1  # type: ignore[operator]
     old.run(threading.Event())
-    assert old.status.state == "fenced" and old_adapter.calls == 1 and len(script.seen) <= 1
-    st = sqlite_store.get_source_status("mem")
+    assert [state for state, _ in script.seen] == ["standby"] and script.seen[0][1] == pytest.approx(10)
+    assert old_adapter.calls == 0 and old.status.lease_holder == new.owner
+    assert old.status.last_error is not None and "lost" in old.status.last_error
+    st = store.get_source_status("mem")
     assert st is not None and st.owner == new.owner and st.state == "idle"
+    cur = store.get_cursor("mem")
+    assert cur is not None and cur.lease_owner == new.owner  # the old runner released nothing of new's
 
 
 # ---------------------------------------------------------------------------- shared breaker
@@ -264,7 +280,8 @@ def test_sources_behind_one_endpoint_share_one_breaker_and_pause_together(sqlite
     registry = BreakerRegistry(clock)
     a, b = KeyedSource(9, name="a"), KeyedSource(9, name="b")
     ra = runner_for(sqlite_store, a, clock, breakers=registry)
-    rb = runner_for(sqlite_store, b, clock, breakers=registry)
+    # A long lease TTL keeps the breaker's 30 s pause in one wait (waits are cut into lease_ttl/3).
+    rb = runner_for(sqlite_store, b, clock, breakers=registry, lease_ttl=300.0)
     # The key is known only after open(): until start() a private stand-in, whose listeners move.
     assert ra.breaker.name == "source:a" and ra.breaker is not rb.breaker and len(registry) == 0
     seen_by_a: list[str] = []

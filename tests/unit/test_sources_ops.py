@@ -57,9 +57,12 @@ def test_sources_list_shows_state_breaker_events_and_errors(ops: tuple[Path, Eve
     result = invoke("sources", "list", "-c", str(cfg))
     assert result.exit_code == 0, result.output
     header, line = result.output.splitlines()[:2]
-    assert header.split() == ["NAME", "ADAPTER", "ENABLED", "STATE", "BREAKER", "EVENTS", "LAST-POLL", "DRIFT", "LAST-ERROR"]
+    assert header.split() == [
+        "NAME", "ADAPTER", "ENABLED", "STATE", "BREAKER", "EVENTS", "LAST-POLL", "DRIFT", "LEASE", "STANDBY", "LAST-ERROR",
+    ]
     assert line.split()[:6] == ["orders", "sql", "true", "idle", "closed", "5"]
-    assert line.split()[-2:] == ["-", "-"]  # no fingerprint (the SQL adapter has none), no error
+    # No fingerprint (the SQL adapter has none); the runner still holds its lease, no standby; no error.
+    assert line.split()[-4:] == ["-", "live", "0", "-"]
     # A failed source with drift, as another process wrote it.
     st = store.get_source_status("orders")
     assert st is not None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -34,7 +34,9 @@ def test_reads_all_once_and_again_is_noop(sqlite_store: EventStore, legacy_url: 
     # Poll again over the same rows: nothing new.
     _drain(r)
     assert sqlite_store.stats()["events"] == 2500
-    # A fresh runner from the committed cursor reads nothing either.
+    # A fresh runner from the committed cursor reads nothing either (after the first stopped and
+    # released the source's lease; while it held it, the fresh one would be standby).
+    r.close()
     r2 = _runner(sqlite_store, legacy_url)
     _drain(r2)
     assert sqlite_store.stats()["events"] == 2500 and r2.status.events_accepted == 0
@@ -64,7 +66,8 @@ def test_ties_across_batch_boundaries_and_restart(sqlite_store: EventStore, lega
     engine = make_orders(legacy_url, 3000, same_timestamp=True)
     r = _runner(sqlite_store, legacy_url)
     r.run_once()  # first batch of 1000 committed
-    restarted = _runner(sqlite_store, legacy_url)  # a restart between batches
+    r.close()  # the process stops (releasing the source's lease) ...
+    restarted = _runner(sqlite_store, legacy_url)  # ... and restarts between batches
     _drain(restarted)
     assert sqlite_store.stats()["events"] == 3000
     assert restarted.status.duplicates == 0  # nothing re-read
@@ -82,16 +85,25 @@ def test_incrementing_mode(sqlite_store: EventStore, sqlite_url: str, tmp_path) 
 
 
 def test_second_runner_fences_the_first(sqlite_store: EventStore, tmp_path) -> None:
+    """A second runner no longer steals the source at once: it is standby while the first holds the
+    lease, takes it over once the lease expired (the first is stuck), and then the first's cursor
+    write is fenced: nothing of its batch is written."""
+    now = [datetime(2024, 1, 1, tzinfo=timezone.utc)]
+    store = EventStore(sqlite_store.engine, clock=lambda: now[0])
     url = f"sqlite:///{tmp_path / 'f.db'}"
     engine = make_orders(url, 2500)
-    a = _runner(sqlite_store, url)
+    a = _runner(store, url)
     a.run_once()
-    b = _runner(sqlite_store, url)
+    b = _runner(store, url)
+    with pytest.raises(FencingError, match="standby"):
+        b.run_once()  # a holds the lease
+    now[0] += timedelta(seconds=31)  # a renews nothing for longer than the 30 s TTL
     b.run_once()
-    with pytest.raises(FencingError):
-        a.run_once()
+    with pytest.raises(FencingError, match="refused"):
+        a.run_once()  # a's cursor write (epoch 1) affects 0 rows; its events roll back with it
+    assert store.get_cursor("orders").epoch == 2 and store.stats()["events"] == 2000  # type: ignore[union-attr]
     _drain(b)
-    assert sqlite_store.stats()["events"] == 2500
+    assert store.stats()["events"] == 2500
     engine.dispose()
 
 

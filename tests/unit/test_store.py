@@ -24,7 +24,8 @@ def ev(i: int, version: int = 1, type_: str = "t.a", source: str = "src") -> Eve
 
 
 def test_accept_is_idempotent_and_writes_cursor(any_store: EventStore) -> None:
-    epoch = any_store.acquire_epoch("src")
+    epoch = any_store.try_acquire_lease("src", "me", 30)
+    assert epoch == 1
     first = any_store.accept([ev(i) for i in range(10)], source_name="src", cursor={"key": 9}, epoch=epoch, write_cursor=True)
     assert len(first.inserted) == 10 and not first.duplicates
     again = any_store.accept([ev(i) for i in range(12)] + [ev(0)], source_name="src", cursor={"key": 11}, epoch=epoch, write_cursor=True)
@@ -37,8 +38,9 @@ def test_accept_is_idempotent_and_writes_cursor(any_store: EventStore) -> None:
 
 
 def test_stale_epoch_writes_nothing(any_store: EventStore) -> None:
-    old = any_store.acquire_epoch("src")
-    new = any_store.acquire_epoch("src")
+    old = any_store.try_acquire_lease("src", "a", 30)
+    assert old is not None and any_store.release_lease("src", "a", old)
+    new = any_store.try_acquire_lease("src", "b", 30)  # a new owner: a new epoch
     assert new == old + 1
     with pytest.raises(FencingError):
         any_store.accept([ev(1)], source_name="src", cursor={"key": 1}, epoch=old, write_cursor=True)
