@@ -205,7 +205,7 @@ class InMemoryConsumer:
                         headers["x-delivery-count"] = item.deliveries
                     out.append(
                         Delivery(item.message.body, item.message.routing_key, item.message.message_id,
-                                 headers, item.deliveries > 0, tag)
+                                 headers, item.deliveries > 0, tag, item.message.content_type)
                     )
                 if len(out) >= max_messages or len(self._unacked) >= self._prefetch:
                     break

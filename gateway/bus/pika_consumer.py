@@ -200,6 +200,7 @@ class PikaConsumer(IOThreadClient):
                 _plain(headers) if headers else {},
                 method.redelivered,
                 DeliveryTag(self._owner, self._generation, tag),
+                properties.content_type or "",
             )
         )
 

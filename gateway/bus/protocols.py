@@ -60,6 +60,7 @@ class Delivery:
         headers: AMQP headers, including ``x-delivery-count`` on quorum queues.
         redelivered: whether the broker delivered it before.
         tag: opaque handle for ``ack``/``reject``; valid only on the consumer that produced it.
+        content_type: AMQP ``content_type`` (empty when the publisher set none).
     """
 
     body: bytes
@@ -68,6 +69,7 @@ class Delivery:
     headers: Mapping[str, Any]
     redelivered: bool
     tag: Any
+    content_type: str = ""
 
     @property
     def delivery_count(self) -> int:
