@@ -508,7 +508,7 @@ def _run_roles(settings: Settings, roles: list[str]) -> None:
 def run(config: ConfigOpt = None, log_level: LogOpt = "info") -> None:
     """Run every role (sources, relay, scorer, API) in one process."""
     _setup_logging(log_level)
-    _run_roles(_settings(config), ["sources", "relay", "scorer", "api"])
+    _run_roles(_settings(config), ["sources", "relay", "scorer", "api", "bridge"])
 
 
 @app.command()
@@ -520,13 +520,13 @@ def api(config: ConfigOpt = None, log_level: LogOpt = "info") -> None:
 
 @app.command()
 def worker(
-    role: Annotated[str, typer.Option("--role", help="sources | relay | scorer")],
+    role: Annotated[str, typer.Option("--role", help="sources | relay | scorer | bridge")],
     config: ConfigOpt = None,
     log_level: LogOpt = "info",
 ) -> None:
     """Run one worker role alone (scale each role separately)."""
-    if role not in ("sources", "relay", "scorer"):
-        _fail(f"--role: expected one of sources, relay, scorer; got {role!r}")
+    if role not in ("sources", "relay", "scorer", "bridge"):
+        _fail(f"--role: expected one of sources, relay, scorer, bridge; got {role!r}")
     _setup_logging(log_level)
     settings = _settings(config)
     if settings.bus.url is None:

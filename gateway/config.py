@@ -27,6 +27,7 @@ from gateway.resilience.breaker import BreakerPolicy
 from gateway.sources.rules import ParseRule
 
 __all__ = [
+    "BridgeSettings",
     "Settings",
     "StoreSettings",
     "BusSettings",
@@ -242,6 +243,28 @@ class BreakerSettings(_Section):
         )
 
 
+class BridgeSettings(_Section):
+    """Forwarding scored events back to a legacy queue, in a legacy format (the ``bridge`` role)."""
+
+    name: str = Field(..., pattern=_NAME, description="Bridge name; its gateway queue is <prefix>.bridge.<name>.")
+    types: list[str] = Field(
+        default_factory=lambda: ["#"], min_length=1,
+        description="Original event types to forward (AMQP topic patterns on the scored exchange).",
+    )
+    url: SecretStr = Field(..., description="AMQP URL of the LEGACY broker; use ${ENV} for the password.")
+    exchange: str = Field("", description="Legacy exchange to publish to ('' = the default exchange).")
+    routing_key: str = Field(..., min_length=1, description="Routing key (with the default exchange: the legacy queue).")
+    codec: dict[str, Any] = Field(..., description="Legacy format of the message body (see docs/codecs.md).")
+    fields: dict[str, str] = Field(
+        ..., min_length=1,
+        description="Legacy record field -> dotted path into the scored event, e.g. "
+        "{booking_no: data.event.data.booking_no, score: data.score, model: data.model.version}.",
+    )
+    content_type: str = Field("application/octet-stream", description="content_type of the published messages.")
+    min_score: float | None = Field(None, ge=0, le=1, description="Forward only events scored at least this high.")
+    batch_max: int = Field(100, ge=1, le=5000, description="Most scored events forwarded per publish batch.")
+
+
 class SourceSettings(_Section):
     """One configured source: which adapter, its settings, and the mapping."""
 
@@ -301,6 +324,9 @@ class Settings(BaseSettings):
     scoring: ScoringSettings = Field(default_factory=ScoringSettings, description="Scoring worker.")
     api: ApiSettings = Field(default_factory=ApiSettings, description="REST API.")
     sources: list[SourceSettings] = Field(default_factory=list, description="Configured sources.")
+    bridges: list[BridgeSettings] = Field(
+        default_factory=list, description="Forwarders of scored events back to legacy queues (the bridge role)."
+    )
 
     @field_validator("sources")
     @classmethod

@@ -28,7 +28,7 @@ __all__ = ["Gateway", "ROLES"]
 
 log = logging.getLogger("gateway")
 
-ROLES = ("sources", "relay", "scorer", "api")
+ROLES = ("sources", "relay", "scorer", "api", "bridge")
 
 
 @dataclass
@@ -60,6 +60,7 @@ class Gateway:
     scorer: Any = field(default=None, init=False)
     scorers: list[Any] = field(default_factory=list, init=False)
     api_server: Any = field(default=None, init=False)
+    forwarders: list[Any] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
         self.roles = tuple(self.roles)
@@ -70,8 +71,8 @@ class Gateway:
         if self.settings.store.auto_migrate:
             upgrade(engine)
         self.store = EventStore(engine)
-        self.topology = Topology.from_settings(self.settings.bus)
-        self.bus = bus_from_settings(self.settings.bus)
+        self.topology = Topology.from_settings(self.settings.bus).with_bridges(self.settings.bridges)
+        self.bus = bus_from_settings(self.settings.bus, self.topology)
         self._stop = threading.Event()
         self._workers: list[_Worker] = []
         self._closers: list[Callable[[], None]] = []
@@ -96,6 +97,8 @@ class Gateway:
             self._spawn("relay", self.relay.run, publisher.close)
         if "scorer" in self.roles:
             self._start_scorer()
+        if "bridge" in self.roles:
+            self._start_bridges()
         if "sources" in self.roles:
             for src in self.settings.sources:
                 if not src.enabled:
@@ -124,6 +127,27 @@ class Gateway:
             self._spawn(f"scorer-{i}", worker.run, consumer.close)
         self.scorer = self.scorers[0]
         self._closers.append(publisher.close)
+
+    def _start_bridges(self) -> None:
+        """One forwarder per bridge: its gateway queue in, the legacy broker (confirms) out."""
+        from gateway.bridge import Forwarder
+        from gateway.bus.pika_publisher import PikaPublisher
+        from gateway.bus.topology import DeclaredTopology
+
+        self.forwarders = []
+        for b in self.settings.bridges:
+            legacy = self.settings.bus.model_copy(update={"url": b.url})
+            publisher = PikaPublisher(legacy, DeclaredTopology(), f"gateway-bridge-{b.name}")  # type: ignore[arg-type]
+            publisher.start(wait=legacy.socket_timeout + 5.0)
+            consumer = self.bus.consumer(self.topology.bridge_queue(b.name), self.settings.bus.prefetch)
+            fwd = Forwarder(b, consumer, publisher, self.store, publish_timeout=self.settings.bus.publish_timeout)
+            self.forwarders.append(fwd)
+
+            def close(c: Any = consumer, p: Any = publisher) -> None:
+                c.close()
+                p.close()
+
+            self._spawn(f"bridge:{b.name}", fwd.run, close)
 
     def _start_api(self) -> None:
         import uvicorn

@@ -21,7 +21,6 @@ import base64
 import hashlib
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import pika
@@ -32,7 +31,7 @@ from adapters.base import Batch, PollingSource, Record, Reject, SourceConfig
 from gateway.bus.pika_consumer import PikaConsumer
 from gateway.bus.pika_params import connection_parameters
 from gateway.bus.protocols import Delivery
-from gateway.bus.topology import QueueSpec
+from gateway.bus.topology import DeclaredTopology, QueueSpec
 from gateway.codecs import Codec, DecodeError, codec_from_config
 from gateway.config import BusSettings
 from gateway.errors import ConfigurationError, GatewayError, TransientError
@@ -117,26 +116,12 @@ class AmqpSourceConfig(SourceConfig):
         )
 
 
-@dataclass(frozen=True, slots=True)
-class _LegacyTopology:
-    """What to declare on every (re)connect: nothing, or the configured queue/exchange/binding."""
-
-    exchange_specs: tuple[tuple[str, str], ...]
-    queue_specs: tuple[QueueSpec, ...]
-
-    def exchanges(self) -> list[tuple[str, str]]:
-        return list(self.exchange_specs)
-
-    def queues(self) -> list[QueueSpec]:
-        return list(self.queue_specs)
-
-
-def _topology(cfg: AmqpSourceConfig) -> _LegacyTopology:
+def _topology(cfg: AmqpSourceConfig) -> DeclaredTopology:
     d = cfg.declare
     if d is None:
-        return _LegacyTopology((), ())
+        return DeclaredTopology()
     bindings = tuple((d.exchange, key) for key in d.routing_keys) if d.exchange else ()
-    return _LegacyTopology(
+    return DeclaredTopology(
         ((d.exchange, d.exchange_type),) if d.exchange else (),
         (QueueSpec(cfg.queue, dict(d.arguments), bindings),),
     )

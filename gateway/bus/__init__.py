@@ -27,9 +27,9 @@ __all__ = [
 ]
 
 
-def bus_from_settings(settings: BusSettings) -> Bus:
-    """RabbitMQ when ``settings.url`` is set, else the in-process bus."""
-    topology = Topology.from_settings(settings)
+def bus_from_settings(settings: BusSettings, topology: Topology | None = None) -> Bus:
+    """RabbitMQ when ``settings.url`` is set, else the in-process bus (``topology``: default from settings)."""
+    topology = topology or Topology.from_settings(settings)
     if settings.url is None:
         return InMemoryBus(topology)
     from gateway.bus.rabbitmq import RabbitBus

@@ -9,12 +9,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gateway.config import BusSettings
 
-__all__ = ["Topology", "QueueSpec", "topic_matches"]
+__all__ = ["DeclaredTopology", "Topology", "QueueSpec", "topic_matches"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +40,28 @@ class Topology:
     def from_settings(cls, settings: BusSettings) -> Topology:
         """Topology for ``settings``."""
         return cls(settings.prefix, settings.delivery_limit, settings.max_queue_length)
+
+    def bridge_queue(self, name: str) -> str:
+        """The gateway-side queue of bridge ``name`` (scored events waiting to go to a legacy queue)."""
+        return f"{self.prefix}.bridge.{name}"
+
+    def with_bridges(self, bridges: Iterable[Any]) -> Topology:
+        """This topology plus one quorum queue per bridge, bound to the scored exchange by its types."""
+        extra = tuple(
+            QueueSpec(
+                self.bridge_queue(b.name),
+                {
+                    "x-queue-type": "quorum",
+                    "x-dead-letter-exchange": self.dead_letter_exchange,
+                    "x-dead-letter-strategy": "at-least-once",
+                    "x-overflow": "reject-publish",
+                    "x-delivery-limit": self.delivery_limit,
+                },
+                tuple((self.scored_exchange, pattern) for pattern in b.types),
+            )
+            for b in bridges
+        )
+        return replace(self, extra_queues=self.extra_queues + extra) if extra else self
 
     @property
     def events_exchange(self) -> str:
@@ -81,6 +104,20 @@ class Topology:
             QueueSpec(self.scoring_queue, scoring_args, ((self.events_exchange, "#"),)),
             *self.extra_queues,
         ]
+
+
+@dataclass(frozen=True, slots=True)
+class DeclaredTopology:
+    """An explicit list of exchanges and queues to declare: a legacy broker's (often nothing)."""
+
+    exchange_specs: tuple[tuple[str, str], ...] = ()
+    queue_specs: tuple[QueueSpec, ...] = ()
+
+    def exchanges(self) -> list[tuple[str, str]]:
+        return list(self.exchange_specs)
+
+    def queues(self) -> list[QueueSpec]:
+        return list(self.queue_specs)
 
 
 def topic_matches(pattern: str, key: str) -> bool:
