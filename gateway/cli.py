@@ -542,14 +542,21 @@ def demo(
     workdir: Annotated[Optional[Path], typer.Option(help="Folder for the demo databases (default: a temp folder).")] = None,
     store_url: Annotated[Optional[str], typer.Option(envvar="GATEWAY_STORE__URL", help="Gateway store URL (default: SQLite in workdir).")] = None,
     amqp_url: Annotated[Optional[str], typer.Option(envvar="GATEWAY_BUS__URL", help="RabbitMQ URL (default: in-process bus).")] = None,
+    legacy_amqp_url: Annotated[str, typer.Option(
+        envvar="GATEWAY_DEMO_LEGACY_AMQP_URL",
+        help="A RabbitMQ to play the legacy mainframe queue; the queue source is skipped when none answers.",
+    )] = "amqp://guest:guest@127.0.0.1:5672/%2F",
     log_level: LogOpt = "warning",
 ) -> None:
     """Legacy rows become scored events: a self-contained demo (SQLite + in-process bus by default)."""
     from gateway.demo import (
+        DEMO_QUEUE,
         LegacyWriter,
+        MainframeQueueWriter,
         SoapOrderWriter,
         create_legacy_db,
         demo_settings,
+        legacy_queue_reachable,
         start_soap_service,
     )
     from gateway.runtime import Gateway
@@ -564,8 +571,15 @@ def demo(
     orders = max(rows // 5, 10)
     sim = start_soap_service(orders)
     typer.echo(f"  legacy SOAP service: {orders} orders at {sim.endpoint} (WSDL: {sim.wsdl_url})")
+    why_not = legacy_queue_reachable(legacy_amqp_url)
+    if why_not is None:
+        typer.echo(f"  legacy queue: EBCDIC fixed-width bookings on {DEMO_QUEUE} (RabbitMQ at {_host_of(legacy_amqp_url)})")
+    else:
+        typer.echo(f"  legacy queue: skipped, no RabbitMQ answers at {_host_of(legacy_amqp_url)} ({why_not}); "
+                   "set --legacy-amqp-url to include it")
     settings = _settings(
-        None, **demo_settings(folder, port=port, store_url=store_url, amqp_url=amqp_url, soap_wsdl=sim.wsdl_url)
+        None, **demo_settings(folder, port=port, store_url=store_url, amqp_url=amqp_url, soap_wsdl=sim.wsdl_url,
+                              legacy_amqp_url=legacy_amqp_url if why_not is None else None)
     )
     typer.echo(f"  store: {'SQLite' if settings.store.url.get_secret_value().startswith('sqlite') else 'external'}; "
                f"bus: {'RabbitMQ' if settings.bus.url else 'in-process'}")
@@ -578,7 +592,11 @@ def demo(
     gw.start()
     writer = LegacyWriter(legacy_url, next_id)
     soap_writer = SoapOrderWriter(sim, orders + 1)
-    wthreads = [threading.Thread(target=w.run, args=(stop,), daemon=True) for w in (writer, soap_writer)]
+    writers: list[Any] = [writer, soap_writer]
+    queue_writer = MainframeQueueWriter(legacy_amqp_url) if why_not is None else None
+    if queue_writer is not None:
+        writers.append(queue_writer)
+    wthreads = [threading.Thread(target=w.run, args=(stop,), daemon=True) for w in writers]
     for t in wthreads:
         t.start()
     if gw.api_server is not None:
@@ -594,7 +612,9 @@ def demo(
             s = gw.store.stats()
             typer.echo(
                 f"  [{time.monotonic() - t0:5.1f}s] legacy rows {rows + writer.written:6d} (+{writer.updated} updated) "
-                f"| SOAP orders {orders + soap_writer.written:5d} (+{soap_writer.updated}) | events {s['events']:6d} "
+                f"| SOAP orders {orders + soap_writer.written:5d} (+{soap_writer.updated}) "
+                + (f"| queue records {queue_writer.written:5d} " if queue_writer else "")
+                + f"| events {s['events']:6d} "
                 f"| published {s['published']:6d} | scored {s['scores']:6d} | dead letters {s['dead_letters']}"
             )
             if time.monotonic() - t0 >= seconds:
@@ -617,6 +637,14 @@ def demo(
             f"{str(d.get('channel')):7} {_why(gw, ev['id'])}"
         )
     typer.echo(f"\nDone. Databases kept in {folder}.")
+
+
+def _host_of(url: str) -> str:
+    """``host:port`` of a URL, without credentials."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port or 5672}"
 
 
 def _why(gw: Any, event_id: str) -> str:

@@ -28,7 +28,15 @@ from sqlalchemy import (
     update,
 )
 
-__all__ = ["create_legacy_db", "LegacyWriter", "SoapOrderWriter", "demo_settings", "start_soap_service"]
+__all__ = [
+    "LegacyWriter",
+    "MainframeQueueWriter",
+    "SoapOrderWriter",
+    "create_legacy_db",
+    "demo_settings",
+    "legacy_queue_reachable",
+    "start_soap_service",
+]
 
 _META = MetaData()
 TRANSACTIONS = Table(
@@ -165,8 +173,72 @@ class SoapOrderWriter:
                 self.updated += 1
 
 
+DEMO_QUEUE = "legacy-demo.bookings"
+_BOOKING_LAYOUT = {
+    "format": "fixed", "encoding": "cp037", "record_length": 33,
+    "layout": [{"name": "booking_no", "pic": "9(8)"}, {"name": "customer", "pic": "X(20)"},
+               {"name": "amount", "pic": "S9(7)V99 COMP-3"}],
+}
+
+
+def legacy_queue_reachable(url: str, timeout: float = 1.0) -> str | None:
+    """``None`` when a broker answers at ``url`` (and the demo queue is ready), else why not."""
+    import pika
+    import pika.exceptions
+
+    params = pika.URLParameters(url)
+    params.socket_timeout = params.blocked_connection_timeout = timeout
+    params.connection_attempts = 1
+    try:
+        conn = pika.BlockingConnection(params)
+    except (pika.exceptions.AMQPError, OSError) as exc:
+        return f"{type(exc).__name__}"
+    ch = conn.channel()
+    ch.queue_declare(DEMO_QUEUE, durable=True)
+    ch.queue_purge(DEMO_QUEUE)
+    conn.close()
+    return None
+
+
+class MainframeQueueWriter:
+    """A mainframe job: EBCDIC fixed-width booking records, four per message, on a legacy queue."""
+
+    def __init__(self, url: str, per_second: float = 20.0, seed: int = 23) -> None:
+        from gateway.codecs import codec_from_config
+
+        self._url, self._rate = url, per_second
+        self._codec = codec_from_config(_BOOKING_LAYOUT)
+        self._rng = random.Random(seed)
+        self._next = 1
+        self.written = 0
+
+    def run(self, stop: threading.Event) -> None:
+        """Publish (with confirms) until ``stop`` is set."""
+        import pika
+
+        conn = pika.BlockingConnection(pika.URLParameters(self._url))
+        ch = conn.channel()
+        ch.confirm_delivery()
+        try:
+            while not stop.wait(0.2):
+                for _ in range(max(1, int(self._rate / 20))):
+                    records = []
+                    for _ in range(4):
+                        amount = self._rng.lognormvariate(5.0, 0.7) * (self._rng.uniform(20, 50) if self._rng.random() < 0.02 else 1)
+                        sign = -1 if self._rng.random() < 0.1 else 1
+                        records.append({"booking_no": self._next, "customer": f"K{self._rng.randint(1, 300):05d}",
+                                        "amount": Decimal(f"{min(amount, 9_999_999):.2f}") * sign})
+                        self._next += 1
+                    ch.basic_publish("", DEMO_QUEUE, self._codec.encode(records), pika.BasicProperties(
+                        delivery_mode=2, content_type="application/x-ebcdic-fixed"))
+                    self.written += 4
+        finally:
+            conn.close()
+
+
 def demo_settings(
-    workdir: Path, *, port: int, store_url: str | None, amqp_url: str | None, soap_wsdl: str | None = None
+    workdir: Path, *, port: int, store_url: str | None, amqp_url: str | None, soap_wsdl: str | None = None,
+    legacy_amqp_url: str | None = None,
 ) -> dict[str, Any]:
     """Settings of the demo pipeline (a dict for ``load_settings`` overrides).
 
@@ -175,6 +247,8 @@ def demo_settings(
     sources = [_sql_source(workdir)]
     if soap_wsdl:
         sources.append(_soap_source(soap_wsdl))
+    if legacy_amqp_url:
+        sources.append(_queue_source(legacy_amqp_url))
     return {
         "profile": "dev",
         "store": {"url": store_url or f"sqlite:///{workdir / 'gateway.db'}"},
@@ -205,6 +279,22 @@ def _sql_source(workdir: Path) -> dict[str, Any]:
             "version": "last_modified",
             "time": "last_modified",
             "subject": "transaction/{txn_id}",
+        },
+    }
+
+
+def _queue_source(url: str) -> dict[str, Any]:
+    return {
+        "name": "mainframe-bookings",
+        "adapter": "amqp",
+        "interval": 0.2,
+        "config": {"url": url, "queue": DEMO_QUEUE, "codec": _BOOKING_LAYOUT, "max_wait": 0.2, "batch_size": 400},
+        "mapping": {
+            "type": "com.acme.bookings.booking.changed",
+            "entity": "booking",
+            "key": ["booking_no"],
+            "subject": "booking/{booking_no}",
+            "data": ["booking_no", "customer", "amount"],
         },
     }
 

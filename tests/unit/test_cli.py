@@ -34,7 +34,9 @@ def _check_demo_output(text: str) -> None:
     assert events >= 600 and scored >= 600 and published >= scored
     per_source = dict(re.findall(r"(card-transactions|legacy-orders) (\d+)", text.split("Events per source:")[1]))
     assert int(per_source["card-transactions"]) >= 600 and int(per_source["legacy-orders"]) >= 120  # the SOAP source
-    top = re.findall(r"^\s+(\d\.\d{3})\s+(?:transaction|order)/(\d+)", text, re.M)
+    if "legacy queue: skipped" not in text:  # a RabbitMQ answered: the mainframe queue source ran
+        assert int(re.search(r"mainframe-bookings (\d+)", text).group(1)) > 0  # type: ignore[union-attr]
+    top = re.findall(r"^\s+(\d\.\d{3})\s+(?:transaction|order|booking)/(\d+)", text, re.M)
     assert len(top) == 10
     assert all(0.0 <= float(s) <= 1.0 for s, _ in top)
     assert float(top[0][0]) > 0.9  # the anomalies stand out
@@ -43,6 +45,7 @@ def _check_demo_output(text: str) -> None:
 def test_demo_runs_on_the_embedded_default(tmp_path: Path) -> None:
     text = _demo(tmp_path)
     assert "store: SQLite; bus: in-process" in text
+    assert "legacy queue: " in text  # included when a RabbitMQ answers on localhost, else says it skips
     _check_demo_output(text)
 
 
@@ -109,3 +112,10 @@ def test_sources_test_is_a_dry_run(tmp_path: Path) -> None:
     assert store.stats()["events"] == 0 and store.get_cursor("orders") is None
     bad = runner.invoke(app, ["sources", "test", "nope", "-c", str(cfg)])
     assert bad.exit_code == 2 and "unknown source 'nope' (known: orders)" in bad.output
+
+
+def test_demo_says_it_skips_the_queue_source_without_a_rabbitmq(tmp_path: Path) -> None:
+    text = _demo(tmp_path, "--legacy-amqp-url", "amqp://guest:guest@127.0.0.1:1/%2F")
+    assert "legacy queue: skipped, no RabbitMQ answers at 127.0.0.1:1" in text
+    assert "mainframe-bookings" not in text.split("Events per source:")[1].splitlines()[0]
+    _check_demo_output(text)
