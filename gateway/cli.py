@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import socket
 import sys
@@ -57,6 +58,9 @@ def _settings(config: Path | None, **overrides: Any) -> Settings:
         raise  # unreachable
 
 
+_CONFIG_FIELD = re.compile(r"^source '[^']*': (config\.[A-Za-z0-9_.]+): (.*)$", re.S)
+
+
 def validate_sources(settings: Settings, where: str, connect: bool = False) -> list[str]:
     """Validate each source's adapter config; returns error lines (empty when valid)."""
     from gateway.plugins import load_adapter
@@ -90,7 +94,11 @@ def validate_sources(settings: Settings, where: str, connect: bool = False) -> l
                             f"source (available: {', '.join(columns())})"
                         )
             except GatewayError as exc:
-                errors.append(f"{where}: sources[{i}]: {exc}")
+                # "source 'x': config.table: ..." names the field: show it as a path, like validation errors.
+                named = _CONFIG_FIELD.match(str(exc))
+                errors.append(
+                    f"{where}: sources[{i}].{named.group(1)}: {named.group(2)}" if named else f"{where}: sources[{i}]: {exc}"
+                )
             finally:
                 adapter.close()
     return errors

@@ -137,17 +137,20 @@ class SqlSource(PollingSource[SqlConfig]):
             table = Table(name, MetaData(), autoload_with=engine, schema=schema or None)
         except NoSuchTableError:
             raise ConfigurationError(f"source {self.source_name!r}: config.table: table {cfg.table!r} does not exist") from None
-        wanted = [
-            cfg.key_column,
-            *(c for c in (cfg.timestamp_column, cfg.xid_column) if c and cfg.mode != "snapshot"),
-            *(cfg.columns or []),
-            *([cfg.soft_delete.column] if cfg.soft_delete else []),
-            *cfg.column_encodings,
+        wanted: list[tuple[str, str]] = [
+            ("key_column", cfg.key_column),
+            *((f, c) for f, c in (("timestamp_column", cfg.timestamp_column), ("xid_column", cfg.xid_column))
+              if c and cfg.mode != "snapshot"),
+            *(("columns", c) for c in cfg.columns or []),
+            *([("soft_delete.column", cfg.soft_delete.column)] if cfg.soft_delete else []),
+            *(("column_encodings", c) for c in cfg.column_encodings),
         ]
-        missing = list(dict.fromkeys(c for c in wanted if c not in table.c))
+        missing = [(f, c) for f, c in wanted if c not in table.c]
         if missing:
+            field = missing[0][0]
+            names = ", ".join(dict.fromkeys(repr(c) for f, c in missing if f == field))
             raise ConfigurationError(
-                f"source {self.source_name!r}: column(s) {', '.join(map(repr, missing))} not in table "
+                f"source {self.source_name!r}: config.{field}: column(s) {names} not in table "
                 f"{cfg.table!r} (columns: {', '.join(table.c.keys())})"
             )
         queries = TableQueries(table, cfg, engine.dialect.name)
