@@ -8,6 +8,11 @@ Python process (so each reports its own peak RSS):
 * **raw tuples** -- SQLAlchemy Core keyset pagination, the adapter's query shape: the same columns,
   ``WHERE (updated_at, id) > (:ts, :id) ORDER BY updated_at, id LIMIT :batch``, rows as tuples;
 * **raw dicts** -- the same, rows as dicts (what a mapper needs);
+* **raw to outbox** -- the raw tuples fetch plus what the product must add, written by hand: a
+  UUIDv5 id and an ``orjson`` CloudEvent envelope per row (the same attributes and lineage
+  extensions as the gateway's, about 450 bytes), COPY into the gateway store's own
+  ``events`` table (a fresh migrated database), one commit per batch -- the floor for the same
+  output;
 * **gateway** -- ``SourceRunner`` draining the table with the ``sql`` adapter into a fresh,
   migrated PostgreSQL gateway store (a second scratch database): fetch, map to CloudEvents with
   deterministic ids, write the outbox rows and the cursor in one transaction per batch;
@@ -45,6 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 DEFAULT_PG = os.environ.get("GATEWAY_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 TABLE = "legacy_orders"
 COLUMNS = ["id", "customer", "amount", "status", "updated_at"]
+RAW_OUTBOX = "raw fetch + id + orjson envelope + COPY into the outbox table"
+GATEWAY = "gateway: SourceRunner -> PostgreSQL outbox"
 
 
 # --------------------------------------------------------------------------- scratch databases
@@ -60,6 +67,19 @@ def create_database(server_url: str, prefix: str) -> str:
         conn.execute(text(f"CREATE DATABASE {name}"))
     admin.dispose()
     return make_url(server_url).set(database=name).render_as_string(hide_password=False)
+
+
+def new_store(server_url: str, created: list[str]) -> str:
+    """A fresh gateway store database, migrated to head (appended to ``created``)."""
+    from gateway.store import make_engine
+    from gateway.store.migrate import upgrade
+
+    url = create_database(server_url, "gw_bench_store")
+    created.append(url)
+    engine = make_engine(url)
+    upgrade(engine)
+    engine.dispose()
+    return url
 
 
 def drop_database(server_url: str, url: str) -> None:
@@ -116,6 +136,56 @@ def path_raw(legacy: str, batch: int, as_dicts: bool) -> int:
             assert last is not None
             result = conn.execute(after, {"ts": last[0], "id": last[1]})
         _report(total, time.perf_counter() - start)
+    engine.dispose()
+    return total
+
+
+def path_raw_outbox(legacy: str, store_url: str, batch: int) -> int:
+    """Raw keyset fetch + hand-written id and envelope + COPY into the outbox table."""
+    import uuid as uuid_
+    from datetime import datetime, timezone
+
+    import orjson
+    import psycopg
+
+    engine = create_engine(legacy)
+    t = Table(TABLE, MetaData(), autoload_with=engine)
+    ts, key = t.c.updated_at, t.c.id
+    first = select(*[t.c[c] for c in COLUMNS]).order_by(ts, key).limit(batch)
+    after = first.where(tuple_(ts, key) > tuple_(bindparam("ts", type_=ts.type), bindparam("id", type_=key.type)))
+    ns = uuid_.UUID("6f1b8a1e-4c1e-5d6b-9a47-1e6c0b9d2a10")
+    copy = ("COPY events (id, source_name, type, subject, time, envelope, status, attempts, accepted_at) "
+            "FROM STDIN")
+    utc = timezone.utc
+    total = 0
+    out = psycopg.connect(make_url(store_url).set(drivername="postgresql").render_as_string(hide_password=False))
+    with engine.connect() as conn:
+        start = time.perf_counter()
+        result = conn.execute(first)
+        while True:
+            got = result.all()
+            now = datetime.now(utc)
+            with out.cursor() as cur, cur.copy(copy) as cp:
+                for id_, customer, amount, status, updated in got:
+                    at = updated.replace(tzinfo=utc)
+                    iso = at.isoformat(timespec="microseconds").replace("+00:00", "Z")
+                    eid = str(uuid_.uuid5(ns, f"bench|order|{id_}|{iso}"))
+                    envelope = orjson.dumps({
+                        "specversion": "1.0", "id": eid, "source": "/legacy/bench", "type": "com.acme.order.changed",
+                        "subject": f"order/{id_}", "time": iso, "datacontenttype": "application/json",
+                        "sourcename": "bench", "sourceadapter": "sql",
+                        "sourceposition": orjson.dumps({"ts": iso, "key": id_}).decode(),
+                        "data": {"id": id_, "customer": customer, "amount": str(amount), "status": status.rstrip(" "),
+                                 "updated_at": iso},
+                    }).decode()
+                    cp.write_row((eid, "bench", "com.acme.order.changed", f"order/{id_}", at, envelope, "pending", 0, now))
+            out.commit()
+            total += len(got)
+            if len(got) < batch:
+                break
+            result = conn.execute(after, {"ts": got[-1][4], "id": got[-1][0]})
+        _report(total, time.perf_counter() - start)
+    out.close()
     engine.dispose()
     return total
 
@@ -188,6 +258,8 @@ def main() -> None:
             path_raw(legacy, args.batch, as_dicts=False)
         elif kind == "raw-dicts":
             path_raw(legacy, args.batch, as_dicts=True)
+        elif kind == "raw-outbox":
+            path_raw_outbox(legacy, rest[0], args.batch)
         elif kind == "gateway":
             path_gateway(legacy, rest[0], args.batch)
         elif kind == "dlt":
@@ -204,16 +276,8 @@ def main() -> None:
         batch = ["--batch", str(args.batch)]
         results["raw SQLAlchemy keyset fetch, tuples"] = run_child("raw", legacy, *batch)
         results["raw SQLAlchemy keyset fetch, dicts"] = run_child("raw-dicts", legacy, *batch)
-
-        from gateway.store import make_engine
-        from gateway.store.migrate import upgrade
-
-        store = create_database(server, "gw_bench_store")
-        stores.append(store)
-        engine = make_engine(store)
-        upgrade(engine)
-        engine.dispose()
-        results["gateway: SourceRunner -> PostgreSQL outbox"] = run_child("gateway", legacy, store, *batch)
+        results[RAW_OUTBOX] = run_child("raw-outbox", legacy, new_store(server, stores), *batch)
+        results[GATEWAY] = run_child("gateway", legacy, new_store(server, stores), *batch)
         if args.dlt:
             probe = subprocess.run([args.dlt_python, "-c", "import dlt; print(dlt.__version__)"],
                                    capture_output=True, text=True, check=False)
@@ -228,7 +292,7 @@ def main() -> None:
         drop_database(server, legacy)
 
     raw = results["raw SQLAlchemy keyset fetch, tuples"]
-    gw = results["gateway: SourceRunner -> PostgreSQL outbox"]
+    gw, floor = results[GATEWAY], results[RAW_OUTBOX]
     for name, r in results.items():
         if r["rows"] != args.rows:
             print(f"warning: {name} read {r['rows']:,} rows, expected {args.rows:,}", file=sys.stderr)
@@ -240,10 +304,16 @@ def main() -> None:
         rate = r["rows"] / r["seconds"]
         ratio = rate / (raw["rows"] / raw["seconds"])
         print(f"| {name} | {r['rows']:,} | {r['seconds']:.1f} | {rate:,.0f} | {ratio:.2f} | {r['peak_rss_mb']:.0f} |")
-    gw_rate, raw_rate = gw["rows"] / gw["seconds"], raw["rows"] / raw["seconds"]
-    print(f"\nratio gateway / raw tuples: **{gw_rate / raw_rate:.2f}**; gateway per row: "
-          f"{1e6 * gw['seconds'] / max(gw['rows'], 1):.1f} µs (raw fetch {1e6 * raw['seconds'] / max(raw['rows'], 1):.1f} µs); "
-          f"gateway duplicates {gw.get('duplicates')}, rejected {gw.get('rejected')}")
+    def rate(r: dict[str, Any]) -> float:
+        return float(r["rows"] / r["seconds"])
+
+    def per_row(r: dict[str, Any]) -> float:
+        return float(1e6 * r["seconds"] / max(r["rows"], 1))
+
+    print(f"\nratio gateway / raw fetch: **{rate(gw) / rate(raw):.2f}**; gateway / raw to outbox: "
+          f"**{rate(gw) / rate(floor):.2f}**; per row: gateway {per_row(gw):.1f} µs, raw to outbox "
+          f"{per_row(floor):.1f} µs, raw fetch {per_row(raw):.1f} µs; gateway duplicates "
+          f"{gw.get('duplicates')}, rejected {gw.get('rejected')}")
 
 
 if __name__ == "__main__":

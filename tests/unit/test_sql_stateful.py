@@ -10,7 +10,8 @@ The steps interleave, in any order:
   open transaction;
 * **commit** (or, one time in four, **rollback**) of the open transaction;
 * **poll** -- ``SourceRunner.run_once()`` with a batch size of 3, one time in four after a
-  **restart** (a new ``SourceRunner`` with a new adapter on the same gateway store);
+  **restart** (the runner stops with ``close()``, releasing the source's lease, and a new
+  ``SourceRunner`` with a new adapter starts on the same gateway store);
 * **wait** -- real time passes, so stamped rows come out of the delay window mid-run.
 
 SQLite allows one writer at a time, so there is at most one open transaction; the table is in WAL
@@ -59,7 +60,15 @@ from typing import Any
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
-from sqlalchemy import Connection, Engine, RootTransaction, create_engine, event, insert, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    RootTransaction,
+    create_engine,
+    event,
+    insert,
+    update,
+)
 
 from gateway.config import SourceSettings
 from gateway.events import format_time
