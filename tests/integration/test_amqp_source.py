@@ -163,6 +163,7 @@ def test_20000_mixed_messages_with_poison_and_a_broker_restart_become_20000_even
         rabbitmqctl("stop_app")  # mid-way: the consumer loses its connection
         time.sleep(2)
         rabbitmqctl("start_app")
+        rabbitmqctl("await_startup")  # fully up before later tests use the broker
         wait_for(lambda: sqlite_store.stats()["events"] >= 20_000 and sqlite_store.stats()["dead_letters"] >= 100,
                  240, "every event and dead letter after the restart")
         wait_for(lambda: queue_counts(amqp_url, legacy_queue)[0] == 0, 30, "an empty legacy queue")
