@@ -240,7 +240,7 @@ class SqlSource(PollingSource[SqlConfig]):
         if cursor is None:
             shape = "first"
         else:
-            params["last_ts"] = self._bind_ts(parse_time(cursor["ts"]))
+            params["last_ts"] = self._bind_cursor_ts(cursor)
             if cursor.get("key") is None:
                 shape = "since"
             else:
@@ -266,7 +266,7 @@ class SqlSource(PollingSource[SqlConfig]):
         self._seen.prune(start)
         params = {
             "window_start": self._bind_ts(start),
-            "last_ts": self._bind_ts(last_ts),
+            "last_ts": self._bind_cursor_ts(cursor),
             "last_key": cursor["key"],
         }
         key_name, ts_name = q.key.name, q.ts.name
@@ -385,8 +385,7 @@ class SqlSource(PollingSource[SqlConfig]):
         cur = cursor or {}
         params: dict[str, Any] = {"last_key": cur.get("key", cfg.start_key)}
         if cfg.mode == "timestamp_key":
-            last_ts = parse_time(cur["ts"]) if cur.get("ts") else cfg.first_start_time
-            params["last_ts"] = self._bind_ts(last_ts)
+            params["last_ts"] = self._bind_cursor_ts(cur) if cur.get("ts") else self._bind_ts(cfg.first_start_time)
             params["upper"] = self._bind_ts(upper if upper is not None else self._upper())
         elif cfg.mode == "xid":
             params["last_xid"] = int(cur.get("xid", 0))
@@ -408,6 +407,8 @@ class SqlSource(PollingSource[SqlConfig]):
     def _check_order(self, cursor: Mapping[str, Any] | None, records: Sequence[Record | _Unreadable]) -> None:
         """A custom query must return rows after the cursor in cursor order; else it would loop or skip."""
         def sort_key(pos: Mapping[str, Any]) -> tuple[Any, ...]:
+            if "ts_local" in pos:  # a naive column: its own values order the rows (UTC may not, at DST)
+                return (datetime.fromisoformat(pos["ts_local"]), pos["key"])
             if "ts" in pos:
                 return (parse_time(pos["ts"]), pos["key"])
             return (pos["xid"], pos["key"]) if "xid" in pos else (pos["key"],)
@@ -432,6 +433,14 @@ class SqlSource(PollingSource[SqlConfig]):
     ) -> Record | _Unreadable:
         data, error = self._convert.convert(row)
         pos = position(data)
+        ts_col = self.config.timestamp_column
+        if "ts" in pos and ts_col and not self._ts_aware:
+            raw = row.get(ts_col)
+            if isinstance(raw, datetime) and raw.tzinfo is None and self._bind_ts(parse_time(pos["ts"])) != raw:
+                # A local time the zone does not have (the hour skipped in spring) does not survive
+                # the round trip through UTC: keep the column's own value, so binding the cursor back
+                # cannot move it past the rows that follow.
+                pos["ts_local"] = raw.isoformat(timespec="microseconds")
         if error is not None:
             return _Unreadable(data=data, position=pos, reason=f"source {self.source_name!r}: row {pos}: {error}")
         if with_hash:
@@ -509,7 +518,7 @@ class SqlSource(PollingSource[SqlConfig]):
         for which, cur in (("a", after), ("u", upto)):
             if cur is None:
                 continue
-            first = int(cur["xid"]) if shape == "xid" else self._bind_ts(parse_time(cur["ts"]))
+            first = int(cur["xid"]) if shape == "xid" else self._bind_cursor_ts(cur)
             params[f"{which}_first"] = first
             if cur.get("key") is None:  # {"ts": X, "key": None}: the start of X, before any key
                 b = bindparam(f"{which}_first", type_=col.type)
@@ -522,6 +531,13 @@ class SqlSource(PollingSource[SqlConfig]):
         return int(self._execute(query, params, scalar=True))
 
     # ------------------------------------------------------------------ plumbing
+    def _bind_cursor_ts(self, cursor: Mapping[str, Any]) -> datetime:
+        """The cursor's timestamp as the column stores it: its own naive value when it has one."""
+        local = cursor.get("ts_local")
+        if local and not self._ts_aware:
+            return datetime.fromisoformat(local)
+        return self._bind_ts(parse_time(cursor["ts"]))
+
     def _bind_ts(self, value: datetime) -> datetime:
         """An aware UTC datetime as the timestamp column stores it (naive: in ``naive_timezone``)."""
         if self._ts_aware:

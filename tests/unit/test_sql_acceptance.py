@@ -291,13 +291,6 @@ def test_naive_timestamps_in_a_configured_zone_become_utc(
         engine.dispose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a naive timestamp inside the spring-forward gap (02:30 on 2024-03-31 does not exist in "
-    "Europe/Berlin) is read as 01:30Z, but the cursor binds 01:30Z back as 03:30 local, so rows "
-    "between 02:30 and 03:30 local that follow it in the same poll window are skipped; lead to "
-    "decide (keep the cursor in the column's own naive value, or refuse gap values)",
-)
 def test_naive_timestamp_in_the_dst_gap_does_not_skip_rows(sqlite_store: EventStore, tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'gap.db'}"
     engine = make_orders(url, 0)
