@@ -12,7 +12,6 @@ import codecs
 import re
 from datetime import datetime, timezone
 from typing import Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     BaseModel,
@@ -27,6 +26,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from adapters.base import SourceConfig
+from gateway.events.timeutil import check_zone
 
 __all__ = ["SqlConfig", "SoftDeleteConfig", "PLACEHOLDERS", "check_ident", "query_placeholders"]
 
@@ -185,11 +185,7 @@ class SqlConfig(SourceConfig):
     @field_validator("naive_timezone")
     @classmethod
     def _zone(cls, v: str) -> str:
-        try:
-            ZoneInfo(v)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {v!r} (expected an IANA name such as 'Europe/Berlin')") from None
-        return v
+        return check_zone(v)
 
     @field_validator("start_time")
     @classmethod

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone, tzinfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-__all__ = ["utcnow", "to_utc", "format_time", "parse_time"]
+__all__ = ["check_zone", "utcnow", "to_utc", "format_time", "parse_time"]
 
 
 def utcnow() -> datetime:
@@ -29,3 +30,12 @@ def parse_time(text: str) -> datetime:
     if text.endswith(("Z", "z")):
         text = text[:-1] + "+00:00"
     return to_utc(datetime.fromisoformat(text))
+
+
+def check_zone(name: str) -> str:
+    """``name`` if it is an IANA time zone (for config validators); else ``ValueError`` saying so."""
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {name!r} (expected an IANA name such as 'Europe/Berlin')") from None
+    return name

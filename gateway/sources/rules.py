@@ -25,12 +25,12 @@ from collections.abc import Mapping
 from datetime import date, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gateway.errors import ContractError
-from gateway.events.timeutil import to_utc
+from gateway.events.timeutil import check_zone, to_utc
 
 __all__ = ["ParseRule", "apply_rules"]
 
@@ -75,11 +75,7 @@ class DateTimeRule(_Rule):
     @field_validator("timezone")
     @classmethod
     def _zone(cls, v: str) -> str:
-        try:
-            ZoneInfo(v)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {v!r} (expected an IANA name such as 'Europe/Berlin')") from None
-        return v
+        return check_zone(v)
 
     def apply(self, value: Any) -> Any:
         if isinstance(value, datetime):
