@@ -26,6 +26,8 @@ db_app = typer.Typer(help="Gateway store migrations.", no_args_is_help=True)
 sources_app = typer.Typer(help="Configured sources.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(sources_app, name="sources")
+dead_app = typer.Typer(help="Dead letters: inspect and delete what the gateway parked.", no_args_is_help=True)
+app.add_typer(dead_app, name="dead-letters")
 
 ConfigOpt = Annotated[
     Optional[Path],
@@ -492,6 +494,89 @@ def sources_test(
         f"{batch.cursor!r}{' (more waiting)' if batch.has_more else ''}. Dry run: nothing was committed.",
         err=True,
     )
+
+
+def _dead_letter_dict(d: Any, *, full: bool) -> dict[str, Any]:
+    out = {
+        "id": d.id, "stage": d.stage, "source_name": d.source_name, "error_class": d.error_class,
+        "reason": d.reason, "attempts": d.attempts, "event_id": d.event_id, "created_at": d.created_at.isoformat(),
+    }
+    if full:
+        out.update(payload=d.payload, headers=d.headers)
+    return out
+
+
+@dead_app.command("list")
+def dead_letters_list(
+    config: ConfigOpt = None,
+    stage: Annotated[Optional[str], typer.Option(help="source | relay | scoring | ingest | bridge")] = None,
+    source: Annotated[Optional[str], typer.Option(help="Only this source's dead letters.")] = None,
+    error_class: Annotated[Optional[str], typer.Option("--error-class", help="e.g. DecodeError, SoapFaultError.")] = None,
+    after: Annotated[Optional[int], typer.Option(help="Only ids after this one (paging).")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10_000, help="Most to list.")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines with the payload and headers.")] = False,
+) -> None:
+    """List dead letters, oldest first, filtered by stage, source and error class."""
+    from gateway.events.jsonsafe import dumps_text
+
+    store = _source_store(_settings(config))
+    try:
+        rows = store.list_dead_letters(stage=stage, source_name=source, error_class=error_class, after_id=after, limit=limit)
+    finally:
+        store.engine.dispose()
+    if as_json:
+        for d in rows:
+            typer.echo(dumps_text(_dead_letter_dict(d, full=True)))
+        return
+    typer.echo(f"{'ID':>6}  {'CREATED':20} {'STAGE':8} {'SOURCE':20} {'ERROR':24} {'TRIES':>5}  REASON")
+    for d in rows:
+        typer.echo(
+            f"{d.id:>6}  {d.created_at.strftime('%Y-%m-%dT%H:%M:%SZ'):20} {d.stage:8} {_short(d.source_name, 20):20} "
+            f"{_short(d.error_class, 24):24} {d.attempts:>5}  {_short(d.reason, 90)}"
+        )
+    if len(rows) == limit:
+        typer.echo(f"-- more after id {rows[-1].id}: --after {rows[-1].id}", err=True)
+
+
+@dead_app.command("show")
+def dead_letters_show(
+    dead_letter_id: Annotated[int, typer.Argument(help="Dead letter id.")],
+    config: ConfigOpt = None,
+) -> None:
+    """Everything about one dead letter: error, attempts, source, position, headers and payload."""
+    from gateway.events.jsonsafe import dumps_text
+
+    store = _source_store(_settings(config))
+    try:
+        d = store.get_dead_letter(dead_letter_id)
+    finally:
+        store.engine.dispose()
+    if d is None:
+        _fail(f"dead letter {dead_letter_id} does not exist", 1)
+        return
+    typer.echo(dumps_text(_dead_letter_dict(d, full=True)))
+
+
+@dead_app.command("delete")
+def dead_letters_delete(
+    ids: Annotated[list[int], typer.Argument(help="Dead letter ids.")],
+    config: ConfigOpt = None,
+    yes: Annotated[bool, typer.Option("--yes", help="Really delete (otherwise: say what would be deleted).")] = False,
+) -> None:
+    """Delete dead letters (after inspecting or replaying them)."""
+    store = _source_store(_settings(config))
+    try:
+        found = [i for i in ids if store.get_dead_letter(i) is not None]
+        missing = sorted(set(ids) - set(found))
+        if not yes:
+            typer.echo(f"would delete {len(found)} dead letter(s): {found}" + (f"; not found: {missing}" if missing else "")
+                       + ". Add --yes to delete.")
+            return
+        n = store.delete_dead_letters(found)
+    finally:
+        store.engine.dispose()
+    log.warning("dead letters deleted by an operator: %s", found)
+    typer.echo(f"deleted {n} dead letter(s)" + (f"; not found: {missing}" if missing else ""))
 
 
 def _run_roles(settings: Settings, roles: list[str]) -> None:

@@ -18,6 +18,7 @@ from sqlalchemy import (
     and_,
     any_,
     bindparam,
+    delete,
     func,
     or_,
     select,
@@ -686,16 +687,41 @@ class EventStore(SourceStatusRepository, LeaseRepository):
         row["created_at"] = now
         return row
 
-    def list_dead_letters(self, *, stage: str | None = None, limit: int = 100, after_id: int | None = None) -> list[DeadLetter]:
-        """Dead letters, oldest first."""
+    def list_dead_letters(
+        self,
+        *,
+        stage: str | None = None,
+        limit: int = 100,
+        after_id: int | None = None,
+        source_name: str | None = None,
+        error_class: str | None = None,
+    ) -> list[DeadLetter]:
+        """Dead letters, oldest first, filtered by stage, source and error class (all optional)."""
         cond = []
         if stage:
             cond.append(dead_letters.c.stage == stage)
+        if source_name:
+            cond.append(dead_letters.c.source_name == source_name)
+        if error_class:
+            cond.append(dead_letters.c.error_class == error_class)
         if after_id is not None:
             cond.append(dead_letters.c.id > after_id)
         with _guard('list_dead_letters'), self.engine.connect() as conn:
             rows = conn.execute(select(dead_letters).where(and_(true(), *cond)).order_by(dead_letters.c.id).limit(limit)).all()
         return [DeadLetter(**r._mapping) for r in rows]
+
+    def get_dead_letter(self, dead_letter_id: int) -> DeadLetter | None:
+        """One dead letter by id, or ``None``."""
+        with _guard('get_dead_letter'), self.engine.connect() as conn:
+            row = conn.execute(select(dead_letters).where(dead_letters.c.id == dead_letter_id)).first()
+        return DeadLetter(**row._mapping) if row is not None else None
+
+    def delete_dead_letters(self, ids: Sequence[int]) -> int:
+        """Delete dead letters by id; returns how many existed."""
+        if not ids:
+            return 0
+        with _guard('delete_dead_letters'), self.engine.begin() as conn:
+            return int(conn.execute(delete(dead_letters).where(dead_letters.c.id.in_(list(ids)))).rowcount or 0)
 
     def stats(self) -> dict[str, int]:
         """Counts for progress displays: events by status, scores, dead letters."""
