@@ -116,7 +116,7 @@ class SoapConfig(SourceConfig):
     arguments: dict[str, Any] = Field(
         default_factory=dict,
         description="Operation arguments. String values may contain {cursor.time}, {cursor.key}, "
-        "{page_token} and {page_size}; a value that is exactly one placeholder gets the raw value "
+        "{page_token}, {page_number} and {page_size}; a value that is exactly one placeholder gets the raw value "
         "(None when unset, which omits an optional element).",
     )
     records_path: str = Field(..., description="Dotted path of the record list in the response, e.g. 'orders'.")
