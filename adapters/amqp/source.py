@@ -160,11 +160,7 @@ class AmqpSource(PollingSource[AmqpSourceConfig]):
         if cfg.declare is None:
             self._check_queue(bus)
         consumer = PikaConsumer(bus, _topology(cfg), cfg.queue, cfg.prefetch, f"gateway-source-{self.source_name}")  # type: ignore[arg-type]
-        try:
-            consumer.start(wait=cfg.socket_timeout + 5.0)
-        except GatewayError:
-            consumer.close()
-            raise
+        consumer.start(wait=cfg.socket_timeout + 5.0)  # never raises: the consumer reconnects by itself
         self._consumer = consumer
 
     def _check_queue(self, bus: BusSettings) -> None:

@@ -37,8 +37,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, NoSuchTableError, SQLAlchemyError
 from sqlalchemy.sql import Executable
 
-from adapters import base as _base
-from adapters.base import Batch, PollingSource, Record
+from adapters.base import Batch, PollingSource, Record, Reject
 from adapters.sql.clock import DbClock, read_db_clock
 from adapters.sql.config import SqlConfig
 from adapters.sql.custom import CustomQuery
@@ -51,10 +50,6 @@ from gateway.events import format_time, jsonable, parse_time, utcnow
 from gateway.events.jsonsafe import dumps
 
 __all__ = ["SqlConfig", "SqlSource"]
-
-#: ``adapters.base.Reject`` where the adapter API has it: a record the adapter could not read,
-#: stored as a dead letter in the batch's transaction.
-_Reject: Any = getattr(_base, "Reject", None)
 
 #: Most keys in one ``IN (...)`` of the overlap re-read (bound parameters are limited per statement).
 _KEYS_PER_QUERY = 1000
@@ -453,16 +448,14 @@ class SqlSource(PollingSource[SqlConfig]):
         good = [r for r in records if isinstance(r, Record)]
         if not bad:
             return Batch(records=good, cursor=cursor, has_more=has_more)
-        if _Reject is None:  # an adapter API without Reject: the batch cannot carry dead letters
-            raise PermanentError(bad[0].reason)
         rejects = [
-            _Reject(
+            Reject(
                 payload=dumps(jsonable(dict(r.data))), headers={}, error_class="UnicodeDecodeError",
                 reason=r.reason, position=r.position, attempts=1,
             )
             for r in bad
         ]
-        return Batch(records=good, cursor=cursor, has_more=has_more, rejects=rejects)  # type: ignore[call-arg]
+        return Batch(records=good, cursor=cursor, has_more=has_more, rejects=rejects)
 
     # ------------------------------------------------------------------ commit hooks
     def committed(self, batch: Batch) -> None:
