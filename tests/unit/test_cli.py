@@ -31,7 +31,9 @@ def _check_demo_output(text: str) -> None:
     progress = re.findall(r"events\s+(\d+) \| published\s+(\d+) \| scored\s+(\d+)", text)
     assert progress, text
     events, published, scored = map(int, progress[-1])
-    assert events >= 600 and scored >= 600 and published >= scored
+    # Not published >= scored: the scorer can store a score before the relay has recorded the
+    # broker's confirm of that event (both follow the same publish), so it is racy by design.
+    assert events >= 600 and scored >= 600 and events >= published and events >= scored
     per_source = dict(re.findall(r"(card-transactions|legacy-orders) (\d+)", text.split("Events per source:")[1]))
     assert int(per_source["card-transactions"]) >= 600 and int(per_source["legacy-orders"]) >= 120  # the SOAP source
     if "legacy queue: skipped" not in text:  # a RabbitMQ answered: the mainframe queue source ran
