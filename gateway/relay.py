@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from gateway.bus import Message, Outcome, Publisher, Topology
 from gateway.config import RelaySettings
 from gateway.events import CONTENT_TYPE
+from gateway.resilience.crashpoints import armed, crash_point
 from gateway.store import EventStore, OutboxRow
 
 __all__ = ["Relay", "RelayStats"]
@@ -110,6 +111,8 @@ class Relay:
             outcomes = [Outcome.LOST] * len(rows)
         ok = [r.seq for r, o in zip(rows, outcomes, strict=True) if o is Outcome.ACK]
         failed = {r.seq: f"publish {o.value}" for r, o in zip(rows, outcomes, strict=True) if o is not Outcome.ACK}
+        if armed("relay.after_ack_before_mark"):  # chaos tests only: the broker has them, the store not yet
+            crash_point("relay.after_ack_before_mark", [r.id for r, o in zip(rows, outcomes) if o is Outcome.ACK])
         self.store.mark_published(ok)
         if failed:
             returned = sum(1 for o in outcomes if o is Outcome.RETURNED)

@@ -42,10 +42,11 @@ from gateway.errors import ContractError, StoreUnavailableError
 from gateway.events import Event, jsonable, utcnow
 from gateway.events.jsonsafe import dumps
 from gateway.events.scored import scored_event
+from gateway.resilience.crashpoints import armed, crash_point
 from gateway.scoring.protocols import Scorer, ScoreResult
 from gateway.store.repository import EventStore, ScoreRecord
 
-__all__ = ["ScoringWorker", "STAGE"]
+__all__ = ["STAGE", "ScoringWorker"]
 
 log = logging.getLogger(__name__)
 
@@ -302,6 +303,8 @@ class ScoringWorker:
         acked = [(d, ev) for (d, ev, _), o in zip(ready, outcomes) if o in _DONE]
         failed = [(d, o) for (d, _, _), o in zip(ready, outcomes) if o not in _DONE]
         if acked:
+            if armed("scoring.after_commit_before_ack"):  # chaos tests only (REL-06)
+                crash_point("scoring.after_commit_before_ack", [ev.id for _, ev in acked])
             self.consumer.ack([d for d, _ in acked])
             self._settled.update(id(d) for d, _ in acked)
             self.scored += len(acked)

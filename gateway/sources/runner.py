@@ -74,6 +74,7 @@ from gateway.resilience import (
     RetryPolicy,
     retrying,
 )
+from gateway.resilience.crashpoints import armed, crash_point
 from gateway.sources.drift import DriftTracker
 from gateway.sources.mapping import Mapper
 from gateway.store import AcceptResult, EventStore, StoredSourceStatus
@@ -411,6 +412,8 @@ class SourceRunner:
         except FencingError:
             self._drop_lease()
             raise
+        if armed("source.after_outbox_commit_before_source_ack"):  # chaos tests only (REL-02)
+            crash_point("source.after_outbox_commit_before_source_ack", [e.id for e in events])
         self.adapter.committed(batch)  # after the commit, never before (a queue acks here)
         self._cursor = batch.cursor
         st = self.status
