@@ -241,6 +241,8 @@ class ScoringWorker:
         """Score ``items``; on failure retry one by one so a single bad event is isolated."""
         if not items:
             return [], []
+        if armed("scoring.before_score"):  # chaos tests only: a model that kills its process (REL-07)
+            crash_point("scoring.before_score", [ev.id for _, ev in items])
         try:
             results = self._checked(self.scorer.score_batch([ev for _, ev in items]), len(items))
             return [(d, ev, r) for (d, ev), r in zip(items, results)], []
