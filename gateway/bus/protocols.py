@@ -110,6 +110,24 @@ class Consumer(Protocol):
         """Reject one delivery; ``requeue=False`` dead-letters it through the queue's DLX."""
         ...
 
+    def pause(self) -> None:
+        """Stop taking new deliveries (cancel the subscription) until :meth:`resume`.
+
+        Deliveries already handed out stay valid: ack or reject them as usual. Deliveries the
+        consumer received but ``get_batch`` has not handed out yet go back to the queue. Used for
+        backpressure (an open circuit breaker on the model): the broker keeps the messages
+        instead of the worker burning their attempts. Idempotent; thread-safe.
+        """
+        ...
+
+    def resume(self, prefetch: int | None = None) -> None:
+        """Take deliveries again, at most ``prefetch`` unacked at a time (default: unchanged).
+
+        Also changes the prefetch of a running consumer (a gradual resume raises it step by
+        step). Idempotent; thread-safe.
+        """
+        ...
+
     def close(self) -> None:
         """Stop consuming; unacked deliveries return to the queue."""
         ...
