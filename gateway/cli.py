@@ -26,7 +26,7 @@ db_app = typer.Typer(help="Gateway store migrations.", no_args_is_help=True)
 sources_app = typer.Typer(help="Configured sources.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(sources_app, name="sources")
-dead_app = typer.Typer(help="Dead letters: inspect and delete what the gateway parked.", no_args_is_help=True)
+dead_app = typer.Typer(help="Dead letters: inspect, replay and delete what the gateway parked.", no_args_is_help=True)
 app.add_typer(dead_app, name="dead-letters")
 
 ConfigOpt = Annotated[
@@ -500,39 +500,62 @@ def _dead_letter_dict(d: Any, *, full: bool) -> dict[str, Any]:
     out = {
         "id": d.id, "stage": d.stage, "source_name": d.source_name, "error_class": d.error_class,
         "reason": d.reason, "attempts": d.attempts, "event_id": d.event_id, "created_at": d.created_at.isoformat(),
+        "state": d.state, "replayed_at": d.replayed_at.isoformat() if d.replayed_at else None,
+        "replay_count": d.replay_count, "last_replay_outcome": d.last_replay_outcome,
     }
     if full:
-        out.update(payload=d.payload, headers=d.headers)
+        from gateway.deadletters import dead_letter_position
+
+        out.update(
+            payload=d.payload, headers=d.headers, position=dead_letter_position(d),
+            last_replay_at=d.last_replay_at.isoformat() if d.last_replay_at else None,
+            last_replay_detail=d.last_replay_detail,
+        )
     return out
+
+
+_STAGES_HELP = "source | scoring | bridge | broker"
+StateOpt = Annotated[Optional[str], typer.Option(
+    "--state", help="open (not replayed) | replayed | all (default: all).",
+)]
+
+
+def _check_state(state: str | None) -> None:
+    if state is not None and state not in ("open", "replayed", "all"):
+        _fail(f"--state: expected open, replayed or all; got {state!r}")
 
 
 @dead_app.command("list")
 def dead_letters_list(
     config: ConfigOpt = None,
-    stage: Annotated[Optional[str], typer.Option(help="source | relay | scoring | ingest | bridge")] = None,
+    stage: Annotated[Optional[str], typer.Option(help=_STAGES_HELP)] = None,
     source: Annotated[Optional[str], typer.Option(help="Only this source's dead letters.")] = None,
-    error_class: Annotated[Optional[str], typer.Option("--error-class", help="e.g. DecodeError, SoapFaultError.")] = None,
+    error_class: Annotated[Optional[str], typer.Option("--error-class", help="e.g. DecodeError, SoapFaultError, delivery_limit.")] = None,
+    state: StateOpt = None,
     after: Annotated[Optional[int], typer.Option(help="Only ids after this one (paging).")] = None,
     limit: Annotated[int, typer.Option(min=1, max=10_000, help="Most to list.")] = 100,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines with the payload and headers.")] = False,
 ) -> None:
-    """List dead letters, oldest first, filtered by stage, source and error class."""
+    """List dead letters, oldest first, filtered by stage, source, error class and state."""
     from gateway.events.jsonsafe import dumps_text
 
+    _check_state(state)
     store = _source_store(_settings(config))
     try:
-        rows = store.list_dead_letters(stage=stage, source_name=source, error_class=error_class, after_id=after, limit=limit)
+        rows = store.list_dead_letters(
+            stage=stage, source_name=source, error_class=error_class, state=state, after_id=after, limit=limit
+        )
     finally:
         store.engine.dispose()
     if as_json:
         for d in rows:
             typer.echo(dumps_text(_dead_letter_dict(d, full=True)))
         return
-    typer.echo(f"{'ID':>6}  {'CREATED':20} {'STAGE':8} {'SOURCE':20} {'ERROR':24} {'TRIES':>5}  REASON")
+    typer.echo(f"{'ID':>6}  {'CREATED':20} {'STAGE':8} {'SOURCE':20} {'ERROR':24} {'TRIES':>5}  {'STATE':8} REASON")
     for d in rows:
         typer.echo(
             f"{d.id:>6}  {d.created_at.strftime('%Y-%m-%dT%H:%M:%SZ'):20} {d.stage:8} {_short(d.source_name, 20):20} "
-            f"{_short(d.error_class, 24):24} {d.attempts:>5}  {_short(d.reason, 90)}"
+            f"{_short(d.error_class, 24):24} {d.attempts:>5}  {d.state:8} {_short(d.reason, 90)}"
         )
     if len(rows) == limit:
         typer.echo(f"-- more after id {rows[-1].id}: --after {rows[-1].id}", err=True)
@@ -557,6 +580,77 @@ def dead_letters_show(
     typer.echo(dumps_text(_dead_letter_dict(d, full=True)))
 
 
+@dead_app.command("replay")
+def dead_letters_replay(
+    ids: Annotated[Optional[list[int]], typer.Argument(help="Dead letter ids (default: select by the filters).")] = None,
+    config: ConfigOpt = None,
+    stage: Annotated[Optional[str], typer.Option(help=_STAGES_HELP)] = None,
+    source: Annotated[Optional[str], typer.Option(help="Only this source's dead letters.")] = None,
+    error_class: Annotated[Optional[str], typer.Option("--error-class", help="e.g. ContractError, delivery_limit.")] = None,
+    rate: Annotated[float, typer.Option(min=0.01, help="Most dead letters replayed per second.")] = 10.0,
+    limit: Annotated[int, typer.Option(min=1, max=100_000, help="Most dead letters selected by the filters.")] = 100,
+    again: Annotated[bool, typer.Option("--again", help="Also replay dead letters that were replayed already.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would happen.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Replay a filter selection without asking.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the outcome of every dead letter as JSON.")] = False,
+) -> None:
+    """Replay dead letters through the outbox: idempotent, rate-limited, durable.
+
+    An event already in the outbox is published again; a CloudEvent payload is accepted into the
+    outbox; a source record is mapped again with the source's current mapping. Without ids the
+    selection (by default the open dead letters matching the filters) is previewed first and
+    replayed after a confirmation (or --yes). Exit code 1 when a dead letter could not be replayed.
+    """
+    from gateway.deadletters import DeadLetterReplayer, DeadLetterSelection
+    from gateway.events.jsonsafe import dumps_text
+
+    if ids and (stage or source or error_class):
+        _fail("give dead letter ids or filters (--stage, --source, --error-class), not both")
+    settings = _settings(config)
+    store = _source_store(settings)
+    try:
+        replayer = DeadLetterReplayer(store, settings.sources, rate=rate)
+        selection = DeadLetterSelection(
+            ids=tuple(ids or ()), stage=stage, source_name=source, error_class=error_class, limit=limit
+        )
+        rows, missing = replayer.select(selection, again=again)
+        if not ids and not dry_run and not yes:
+            preview = replayer.replay_rows(rows, again=again, dry_run=True)
+            _print_replay(preview)
+            if not preview.replayed:
+                return
+            typer.confirm(f"Replay {preview.replayed} dead letter(s) at most {rate:g} per second?", abort=True)
+        report = replayer.replay_rows(rows, again=again, dry_run=dry_run, not_found=missing)
+    finally:
+        store.engine.dispose()
+    if as_json:
+        typer.echo(dumps_text(report.to_dict()))
+    else:
+        _print_replay(report)
+    if not dry_run and report.replayed:
+        _setup_logging("info")
+        log.warning("dead letters replayed by an operator (%s): %s", _operator(),
+                    [i.id for i in report.items if i.outcome in ("requeued", "accepted")])
+    if report.failed:
+        raise typer.Exit(1)
+
+
+def _print_replay(report: Any) -> None:
+    """One line per dead letter that failed (every one in a preview), then the counts."""
+    would = "would be " if report.dry_run else ""
+    for item in report.items:
+        if item.outcome == "failed" or report.dry_run:
+            what = item.detail if item.outcome == "failed" else f"{item.outcome}: {', '.join(item.event_ids)}"
+            typer.echo(f"{item.id:>6}  {item.stage:8} {item.outcome:9} {what}")
+    for missing in report.not_found:
+        typer.echo(f"{missing:>6}  {'-':8} {'failed':9} dead letter {missing} does not exist")
+    typer.echo(
+        f"{'dry run: ' if report.dry_run else ''}{would}replayed {report.replayed} "
+        f"(requeued {report.count('requeued')}, accepted {report.count('accepted')}), "
+        f"skipped {report.skipped}, failed {report.failed}"
+    )
+
+
 @dead_app.command("delete")
 def dead_letters_delete(
     ids: Annotated[list[int], typer.Argument(help="Dead letter ids.")],
@@ -579,7 +673,7 @@ def dead_letters_delete(
     typer.echo(f"deleted {n} dead letter(s)" + (f"; not found: {missing}" if missing else ""))
 
 
-def _run_roles(settings: Settings, roles: list[str]) -> None:
+def _run_roles(settings: Settings, roles: list[str], metrics_port: int | None = None) -> None:
     from gateway.runtime import Gateway
 
     stop = threading.Event()
@@ -591,6 +685,8 @@ def _run_roles(settings: Settings, roles: list[str]) -> None:
     except GatewayError as exc:
         gw.stop()
         _fail(str(exc), 2 if isinstance(exc, ConfigurationError) else 1)
+    if metrics_port:
+        gw.serve_metrics(metrics_port)
     log.info("gateway running roles: %s", ", ".join(roles))
     stop.wait()
     log.info("stopping: finishing in-flight work")
@@ -624,7 +720,7 @@ def worker(
     settings = _settings(config)
     if settings.bus.url is None:
         _fail("worker roles in separate processes need RabbitMQ: set bus.url (GATEWAY_BUS__URL)")
-    _run_roles(settings, [role])
+    _run_roles(settings, [role], metrics_port=settings.resilience.metrics_port)  # no API here: own /metrics
 
 
 @app.command()
@@ -648,6 +744,7 @@ def demo(
         MainframeQueueWriter,
         SoapOrderWriter,
         create_legacy_db,
+        delete_topology,
         demo_settings,
         legacy_queue_reachable,
         start_soap_service,
@@ -675,7 +772,7 @@ def demo(
                               legacy_amqp_url=legacy_amqp_url if why_not is None else None)
     )
     typer.echo(f"  store: {'SQLite' if settings.store.url.get_secret_value().startswith('sqlite') else 'external'}; "
-               f"bus: {'RabbitMQ' if settings.bus.url else 'in-process'}")
+               f"bus: {'RabbitMQ, prefix ' + settings.bus.prefix if settings.bus.url else 'in-process'}")
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -720,6 +817,8 @@ def demo(
         totals = gw.store.list_cursors()
         gw.stop()
         sim.close()
+        if settings.bus.url is not None:
+            delete_topology(settings.bus.url.get_secret_value(), gw.topology)
     typer.echo("\nEvents per source: " + ", ".join(f"{c.source_name} {c.events_total}" for c in totals))
     typer.echo("\nTop-scored events (the anomaly model learned from the stream, no training data):")
     typer.echo(f"  {'SCORE':>6}  {'SUBJECT':18} {'AMOUNT':>10} {'COUNTRY':7} {'CHANNEL':7} WHY")

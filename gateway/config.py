@@ -24,6 +24,8 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from gateway.errors import ConfigurationError
 from gateway.resilience.breaker import BreakerPolicy
+from gateway.resilience.budget import BudgetPolicy
+from gateway.resilience.retry import RetryPolicy
 from gateway.sources.rules import ParseRule
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "SourceSettings",
     "MappingSettings",
     "BreakerSettings",
+    "ResilienceSettings",
     "load_settings",
     "format_validation_error",
     "interpolate",
@@ -81,7 +84,9 @@ class BusSettings(_Section):
     )
     prefetch: int = Field(1000, ge=1, le=65535, description="Consumer prefetch (QoS) per consumer.")
     delivery_limit: int = Field(
-        5, ge=1, le=1000, description="Quorum-queue x-delivery-limit of the scoring queue."
+        5, ge=2, le=1000,
+        description="Quorum-queue x-delivery-limit of the scoring queue: the broker's backstop against crash "
+        "loops. Must exceed max_attempts (the events a crashing scorer held lose one delivery per crash).",
     )
     max_attempts: int = Field(
         3, ge=1, le=100,
@@ -104,6 +109,22 @@ class BusSettings(_Section):
     reconnect_max_delay: float = Field(
         30.0, gt=0, description="Cap of the jittered reconnect backoff, in seconds."
     )
+    watchdog_interval: float = Field(
+        30.0, ge=0,
+        description="Seconds between a consumer's liveness checks: a consumer that should consume, holds "
+        "nothing unacked and got no delivery while its queue has ready messages for two checks in a row "
+        "is re-subscribed. 0 disables the watchdog.",
+    )
+
+    @model_validator(mode="after")
+    def _limit_above_attempts(self) -> BusSettings:
+        if self.delivery_limit <= self.max_attempts:
+            raise ValueError(
+                f"delivery_limit ({self.delivery_limit}) must be greater than max_attempts ({self.max_attempts}): "
+                "every message a crashing scorer holds loses one delivery per crash, and the gateway stops a "
+                "crash loop only after max_attempts crashes"
+            )
+        return self
 
 
 class RelaySettings(_Section):
@@ -121,32 +142,6 @@ class RelaySettings(_Section):
     )
     retry_base_delay: float = Field(0.5, gt=0, description="First delay after a failed publish.")
     retry_max_delay: float = Field(60.0, gt=0, description="Cap of the delay between publish attempts.")
-
-
-class ScoringSettings(_Section):
-    """The scoring worker and its built-in model."""
-
-    model: str = Field("online-anomaly", description="Scorer name (built-in: online-anomaly).")
-    batch_max: int = Field(
-        500, ge=1, le=10000,
-        description="Largest micro-batch. Batches are only this large under backlog; at low rates "
-        "the linger bounds them.",
-    )
-    batch_linger_ms: float = Field(
-        10.0, ge=0, le=5000, description="Longest wait to fill a micro-batch once it has one event."
-    )
-    workers: int = Field(
-        2, ge=1, le=16,
-        description="Worker threads per scorer process, each with its own consumer, sharing one model; "
-        "they overlap waiting for the store and the broker's confirms.",
-    )
-    warmup: int = Field(
-        30, ge=1, description="Events per type seen before the built-in model gives real scores."
-    )
-    exclude_fields: list[str] = Field(
-        default_factory=lambda: ["id"],
-        description="Data fields never used as features (keys, ids). Fields ending in _id are excluded too.",
-    )
 
 
 class ApiSettings(_Section):
@@ -243,6 +238,243 @@ class BreakerSettings(_Section):
         )
 
 
+_RETRY_DEFAULTS = RetryPolicy(attempts=6, base_delay=0.2, max_delay=5.0, deadline=30.0)
+_BUDGET_DEFAULTS = BudgetPolicy()
+
+
+class RetrySettings(_Section):
+    """How calls to a downstream are retried after a transient error (never other errors)."""
+
+    attempts: int = Field(
+        _RETRY_DEFAULTS.attempts, ge=1, le=100, description="Most attempts per call, the first included (1: no retry)."
+    )
+    base_delay: float = Field(
+        _RETRY_DEFAULTS.base_delay, ge=0, le=600,
+        description="Scale of the full-jitter exponential backoff: the n-th wait is uniform in "
+        "[0, min(max_delay, base_delay * 2^n)].",
+    )
+    max_delay: float = Field(_RETRY_DEFAULTS.max_delay, ge=0, le=3600, description="Cap of one wait, in seconds.")
+    deadline: float = Field(
+        _RETRY_DEFAULTS.deadline, ge=0, le=86400,
+        description="Cap of one call's total time, retries and waits included: a wait that would end past it "
+        "is not started.",
+    )
+
+    def to_policy(self) -> RetryPolicy:
+        """The :class:`~gateway.resilience.RetryPolicy` these settings describe."""
+        return RetryPolicy(
+            attempts=self.attempts, base_delay=self.base_delay, max_delay=self.max_delay, deadline=self.deadline
+        )
+
+
+class RetryBudgetSettings(_Section):
+    """The retry budget of a downstream: a token bucket capping retries at a share of calls."""
+
+    ratio: float = Field(
+        _BUDGET_DEFAULTS.ratio, ge=0, le=1,
+        description="Tokens every call deposits; a retry costs one, so retries stay below this share of calls "
+        "(plus the reserve).",
+    )
+    reserve: float = Field(
+        _BUDGET_DEFAULTS.reserve, ge=0, le=100_000,
+        description="Tokens a new budget starts with, and the most it holds (at least 1).",
+    )
+    min_retries_per_second: float = Field(
+        _BUDGET_DEFAULTS.min_retries_per_second, ge=0, le=10_000,
+        description="Tokens added per second up to the reserve, so a rarely called downstream can still retry "
+        "(0: off).",
+    )
+
+    def to_policy(self) -> BudgetPolicy:
+        """The :class:`~gateway.resilience.BudgetPolicy` these settings describe."""
+        return BudgetPolicy(ratio=self.ratio, reserve=self.reserve, min_retries_per_second=self.min_retries_per_second)
+
+
+class DownstreamResilience(_Section):
+    """Overrides for one downstream; unset fields keep the ``resilience`` defaults."""
+
+    retry: dict[str, float] = Field(
+        default_factory=dict, description="Fields of resilience.retry to override, e.g. {attempts: 3}."
+    )
+    budget: dict[str, float] = Field(
+        default_factory=dict, description="Fields of resilience.budget to override, e.g. {ratio: 0.2}."
+    )
+
+    @field_validator("retry")
+    @classmethod
+    def _retry_fields(cls, value: dict[str, float]) -> dict[str, float]:
+        RetrySettings(**value)  # type: ignore[arg-type]  # unknown names and bad values fail here
+        return value
+
+    @field_validator("budget")
+    @classmethod
+    def _budget_fields(cls, value: dict[str, float]) -> dict[str, float]:
+        RetryBudgetSettings(**value)  # type: ignore[arg-type]
+        return value
+
+
+class ResilienceSettings(_Section):
+    """Retry policies and budgets per downstream, outbox backpressure on pollers, metrics of workers.
+
+    A downstream is named like its circuit breaker: ``source:<name>`` (or the adapter's
+    ``breaker_key()``, e.g. ``soap:<address>``), and ``store`` for the gateway's own store.
+    """
+
+    retry: RetrySettings = Field(default_factory=RetrySettings, description="Default retry policy of every downstream.")
+    budget: RetryBudgetSettings = Field(
+        default_factory=RetryBudgetSettings, description="Default retry budget of every downstream."
+    )
+    downstreams: dict[str, DownstreamResilience] = Field(
+        default_factory=dict,
+        description="Per-downstream overrides keyed by downstream name, e.g. "
+        "{\"source:orders\": {retry: {attempts: 3}, budget: {ratio: 0.2}}}.",
+    )
+    backlog_threshold: int | None = Field(
+        None, ge=1,
+        description="Pending outbox rows above which source runners pause polling (state backpressure); "
+        "unset: api.backlog_threshold, the same limit at which the REST API answers 503.",
+    )
+    backlog_resume_ratio: float = Field(
+        0.9, gt=0, le=1,
+        description="Paused pollers resume once the backlog is below this share of the threshold (hysteresis).",
+    )
+    backlog_check_interval: float = Field(
+        1.0, gt=0, le=60,
+        description="Seconds a counted backlog is reused by the pollers (one count per process per interval).",
+    )
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535,
+        description="Port of a Prometheus /metrics server in `gateway worker` processes (which have no API); "
+        "unset or 0: off.",
+    )
+
+    def retry_policy(self, downstream: str, default: RetryPolicy | None = None) -> RetryPolicy:
+        """The retry policy of ``downstream``: ``default`` (else ``retry``) with its overrides applied."""
+        base = self.retry if default is None else RetrySettings(
+            attempts=default.attempts, base_delay=default.base_delay, max_delay=default.max_delay,
+            deadline=default.deadline,
+        )
+        over = self.downstreams.get(downstream)
+        settings = RetrySettings(**{**base.model_dump(), **over.retry}) if over and over.retry else base
+        return settings.to_policy()
+
+    def budget_policy(self, downstream: str) -> BudgetPolicy:
+        """The retry budget policy of ``downstream``: the defaults with its overrides applied."""
+        over = self.downstreams.get(downstream)
+        settings = (
+            RetryBudgetSettings(**{**self.budget.model_dump(), **over.budget}) if over and over.budget else self.budget
+        )
+        return settings.to_policy()
+
+
+class ScoringSettings(_Section):
+    """The scoring worker and its built-in model."""
+
+    class ModelBreakerSettings(BreakerSettings):
+        """The circuit breaker ``scorer:<model>`` around the model call (backpressure while open)."""
+
+        window_size: int = Field(
+            20, ge=1, le=10_000,
+            description="Number of most recent model calls (one per micro-batch, one per event in a half-open "
+            "trial) the failure and slow-call rates are computed over.",
+        )
+        minimum_calls: int = Field(
+            10, ge=1, le=10_000,
+            description="Model calls that must be recorded before the rates are evaluated (capped at window_size).",
+        )
+        failure_rate_threshold: float = Field(
+            50.0, gt=0, le=100,
+            description="Percent of failed model calls at or above which the breaker opens. Every model exception "
+            "counts as a failure (a call over score_timeout too), except permanent errors (bad input, malformed "
+            "answer), which count as successes.",
+        )
+        slow_call_duration: float = Field(
+            10.0, gt=0,
+            description="Seconds above which a model call counts as slow; the breaker also opens when every "
+            "recorded call was slow. .inf switches slow-call accounting off.",
+        )
+        wait_in_open: float = Field(
+            15.0, ge=0, le=86400,
+            description="Seconds the workers take no deliveries (consumers paused, events wait in the queue) "
+            "before a trial.",
+        )
+        half_open_permits: int = Field(
+            3, ge=1, le=1000,
+            description="Trial calls after the wait, one event each; it is also the workers' prefetch during the "
+            "trial. The breaker closes when they stay below the thresholds, else it opens again.",
+        )
+
+    model: str = Field("online-anomaly", description="Scorer name (built-in: online-anomaly).")
+    batch_max: int = Field(
+        500, ge=1, le=10000,
+        description="Largest micro-batch. Batches are only this large under backlog; at low rates "
+        "the linger bounds them.",
+    )
+    batch_linger_ms: float = Field(
+        10.0, ge=0, le=5000, description="Longest wait to fill a micro-batch once it has one event."
+    )
+    workers: int = Field(
+        2, ge=1, le=16,
+        description="Worker threads per scorer process, each with its own consumer, sharing one model; "
+        "they overlap waiting for the store and the broker's confirms.",
+    )
+    warmup: int = Field(
+        30, ge=1, description="Events per type seen before the built-in model gives real scores."
+    )
+    exclude_fields: list[str] = Field(
+        default_factory=lambda: ["id"],
+        description="Data fields never used as features (keys, ids). Fields ending in _id are excluded too.",
+    )
+    retry_min_delay: float = Field(
+        1.0, ge=0, le=3600,
+        description="Shortest delay in seconds before a transiently failed event is scored again (it waits "
+        "in a TTL retry queue, <prefix>.scoring.retry.<ttl>ms; the worker keeps serving other events).",
+    )
+    retry_base_delay: float = Field(
+        1.0, gt=0, le=3600,
+        description="Cap of the first retry delay in seconds; the cap doubles per failed attempt "
+        "(full jitter: each delay is uniform between retry_min_delay and the cap).",
+    )
+    retry_max_delay: float = Field(
+        60.0, gt=0, le=86400,
+        description="Largest cap of one retry delay in seconds. Changing the retry delays declares new "
+        "retry queues; bus.max_attempts bounds the attempts.",
+    )
+    retry_window: float = Field(
+        300.0, gt=0, le=604800,
+        description="Largest sum in seconds of all retry delays of one event; once it is used up the next "
+        "failure dead-letters the event even before bus.max_attempts.",
+    )
+    score_timeout: float = Field(
+        30.0, gt=0, le=3600,
+        description="Seconds one model call (one micro-batch) may take; a longer call counts as a failure "
+        "of the model (the worker stops waiting for it).",
+    )
+    breaker: ModelBreakerSettings = Field(
+        default_factory=ModelBreakerSettings,
+        description="Circuit breaker 'scorer:<model>' around the model call. While it is open the workers take "
+        "no deliveries (backpressure: the events wait in the queue, no attempt is counted); half-open, they "
+        "take half_open_permits events as trial calls; closed again, the prefetch doubles per good batch up "
+        "to bus.prefetch.",
+    )
+
+    @model_validator(mode="after")
+    def _retry_delays_consistent(self) -> ScoringSettings:
+        problems = [
+            msg
+            for bad, msg in (
+                (self.retry_max_delay < self.retry_base_delay, "retry_max_delay must be >= retry_base_delay"),
+                (self.retry_max_delay < self.retry_min_delay, "retry_max_delay must be >= retry_min_delay"),
+                (self.retry_window < self.retry_min_delay, "retry_window must be >= retry_min_delay"),
+            )
+            if bad
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+
 class BridgeSettings(_Section):
     """Forwarding scored events back to a legacy queue, in a legacy format (the ``bridge`` role)."""
 
@@ -323,6 +555,10 @@ class Settings(BaseSettings):
     relay: RelaySettings = Field(default_factory=RelaySettings, description="Outbox relay.")
     scoring: ScoringSettings = Field(default_factory=ScoringSettings, description="Scoring worker.")
     api: ApiSettings = Field(default_factory=ApiSettings, description="REST API.")
+    resilience: ResilienceSettings = Field(
+        default_factory=ResilienceSettings,
+        description="Retry policies and budgets, poller backpressure and worker metrics (docs/resilience.md).",
+    )
     sources: list[SourceSettings] = Field(default_factory=list, description="Configured sources.")
     bridges: list[BridgeSettings] = Field(
         default_factory=list, description="Forwarders of scored events back to legacy queues (the bridge role)."

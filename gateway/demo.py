@@ -9,6 +9,7 @@ top-scored events, and stops by itself after ``--seconds`` or on Ctrl-C.
 from __future__ import annotations
 
 import random
+import secrets
 import threading
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -252,7 +253,9 @@ def demo_settings(
     return {
         "profile": "dev",
         "store": {"url": store_url or f"sqlite:///{workdir / 'gateway.db'}"},
-        "bus": {"url": amqp_url, "prefix": "gateway-demo"},
+        # A prefix of its own per run on a shared broker: messages a stopped demo left in its queues
+        # (the relay publishes ahead of the scorer) never reach the next run's store.
+        "bus": {"url": amqp_url, "prefix": f"gateway-demo-{secrets.token_hex(3)}" if amqp_url else "gateway-demo"},
         "api": {"port": port},
         "scoring": {"warmup": 50, "exclude_fields": ["txn_id", "account_no"]},
         "sources": sources,
@@ -327,3 +330,22 @@ def _soap_source(wsdl: str) -> dict[str, Any]:
     }
 
 
+def delete_topology(amqp_url: str, topology: Any) -> None:
+    """Delete the demo run's queues and exchanges from the broker (best effort, at the end)."""
+    import pika
+
+    try:
+        conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    except Exception:  # noqa: BLE001 -- the broker is gone: nothing to tidy
+        return
+    try:
+        ch = conn.channel()
+        for spec in topology.queues():
+            ch.queue_delete(spec.name)
+        for name, _kind in topology.exchanges():
+            ch.exchange_delete(name)
+    except Exception:  # noqa: BLE001 -- best effort
+        pass
+    finally:
+        if conn.is_open:
+            conn.close()

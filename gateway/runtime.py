@@ -1,7 +1,8 @@
 """Wiring: build the store, bus and roles from settings and run them in threads.
 
 ``gateway run`` runs every role in one process; ``gateway worker --role X`` runs one. Roles:
-``sources`` (one runner thread per enabled source), ``relay``, ``scorer`` and ``api``.
+``sources`` (one runner thread per enabled source), ``relay``, ``scorer`` (with the drain of the
+broker's dead-letter queue) and ``api``.
 
 Several processes may run ``sources`` on one store: each source is polled by the runner holding
 its lease, the others stand by (:class:`~gateway.sources.runner.SourceRunner`). :meth:`Gateway.stop`
@@ -16,10 +17,18 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from gateway.bus import Bus, Topology, bus_from_settings
 from gateway.config import Settings
+from gateway.metrics import ResilienceMetrics, serve_metrics
 from gateway.relay import Relay
-from gateway.resilience import BreakerRegistry, RetryPolicy, retrying
+from gateway.resilience import (
+    BreakerRegistry,
+    OutboxBackpressure,
+    RetryPolicy,
+    retrying,
+)
 from gateway.sources.runner import SourceRunner
 from gateway.store import EventStore, engine_from_settings
 from gateway.store.migrate import upgrade
@@ -53,14 +62,21 @@ class Gateway:
     bus: Bus = field(init=False)
     topology: Topology = field(init=False)
     runners: list[SourceRunner] = field(default_factory=list, init=False)
-    #: Circuit breakers shared by the source runners: sources whose adapters return the same
-    #: ``breaker_key()`` (one downstream endpoint) share one breaker and pause together.
-    breakers: BreakerRegistry = field(default_factory=BreakerRegistry, init=False)
+    #: Circuit breakers and retry budgets shared by the source runners: sources whose adapters
+    #: return the same ``breaker_key()`` (one downstream endpoint) share one breaker and one budget,
+    #: and pause together. Every one of them is exported in :attr:`metrics_registry`.
+    breakers: BreakerRegistry = field(init=False)
+    #: This process's Prometheus registry: resilience metrics, and the API's when it runs here.
+    metrics_registry: CollectorRegistry = field(default_factory=CollectorRegistry, init=False)
+    #: The pollers' outbox backlog gate (REL-09), shared by every runner of this process.
+    backpressure: OutboxBackpressure = field(init=False)
     relay: Relay | None = field(default=None, init=False)
     scorer: Any = field(default=None, init=False)
     scorers: list[Any] = field(default_factory=list, init=False)
     api_server: Any = field(default=None, init=False)
     forwarders: list[Any] = field(default_factory=list, init=False)
+    #: The broker dead-letter-queue drain (scorer role), a :class:`~gateway.deadletters.DeadLetterDrain`.
+    drain: Any = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.roles = tuple(self.roles)
@@ -71,7 +87,17 @@ class Gateway:
         if self.settings.store.auto_migrate:
             upgrade(engine)
         self.store = EventStore(engine)
-        self.topology = Topology.from_settings(self.settings.bus).with_bridges(self.settings.bridges)
+        res = self.settings.resilience
+        self.breakers = BreakerRegistry(
+            metrics=ResilienceMetrics(self.metrics_registry), budget_policy=res.budget_policy
+        )
+        self.backpressure = OutboxBackpressure(
+            lambda: self.store.pending_stats()[0],
+            res.backlog_threshold or self.settings.api.backlog_threshold,
+            resume_ratio=res.backlog_resume_ratio,
+            interval=res.backlog_check_interval,
+        )
+        self.topology = Topology.from_settings(self.settings.bus, self.settings.scoring).with_bridges(self.settings.bridges)
         self.bus = bus_from_settings(self.settings.bus, self.topology)
         self._stop = threading.Event()
         self._workers: list[_Worker] = []
@@ -84,7 +110,10 @@ class Gateway:
         An unreachable broker or store is retried for up to a minute (compose starts services in
         any order); a topology mismatch fails at once.
         """
-        for attempt in retrying(RetryPolicy(attempts=12, base_delay=0.5, max_delay=10.0, deadline=60.0), logger=log):
+        startup = self.settings.resilience.retry_policy(
+            "startup", default=RetryPolicy(attempts=12, base_delay=0.5, max_delay=10.0, deadline=60.0)
+        )
+        for attempt in retrying(startup, logger=log):
             with attempt:
                 self.store.ping()
                 self.bus.declare_topology()
@@ -97,24 +126,35 @@ class Gateway:
             self._spawn("relay", self.relay.run, publisher.close)
         if "scorer" in self.roles:
             self._start_scorer()
+            self._start_dead_letter_drain()
         if "bridge" in self.roles:
             self._start_bridges()
         if "sources" in self.roles:
             for src in self.settings.sources:
                 if not src.enabled:
                     continue
-                runner = SourceRunner(src, self.store, on_accept=self.wake_relay, breakers=self.breakers)
+                runner = SourceRunner(
+                    src, self.store, on_accept=self.wake_relay, breakers=self.breakers,
+                    resilience=self.settings.resilience, backpressure=self.backpressure,
+                )
                 self.runners.append(runner)
                 self._spawn(f"source:{src.name}", runner.run)
         if "api" in self.roles:
             self._start_api()
 
     def _start_scorer(self) -> None:
+        from gateway.bus.retry import RetrySchedule
         from gateway.scoring import LockedScorer, ScoringWorker, scorer_from_settings
+        from gateway.scoring.resilience import AttemptLedger, scorer_breaker_policy
 
         sc = self.settings.scoring
         model = LockedScorer(scorer_from_settings(sc))
         publisher = self.bus.publisher()  # thread-safe; shared by the workers
+        # One breaker for the model (in the registry, so metrics and readiness see it), one
+        # schedule and one attempt ledger, shared by this process's workers.
+        breaker = self.breakers.get(f"scorer:{model.name}", scorer_breaker_policy(sc.breaker.to_policy()))
+        retry = RetrySchedule.from_settings(sc)
+        ledger = AttemptLedger()
         self.scorers = []
         for i in range(sc.workers):
             consumer = self.bus.consumer(self.topology.scoring_queue, self.settings.bus.prefetch)
@@ -122,11 +162,23 @@ class Gateway:
                 consumer, publisher, self.store, model, self.topology,
                 batch_max=sc.batch_max, batch_linger_ms=sc.batch_linger_ms,
                 max_attempts=self.settings.bus.max_attempts, publish_timeout=self.settings.bus.publish_timeout,
+                retry=retry, breaker=breaker, score_timeout=sc.score_timeout,
+                prefetch=self.settings.bus.prefetch, ledger=ledger,
             )
             self.scorers.append(worker)
             self._spawn(f"scorer-{i}", worker.run, consumer.close)
         self.scorer = self.scorers[0]
         self._closers.append(publisher.close)
+
+    def _start_dead_letter_drain(self) -> None:
+        """Drain ``<prefix>.dead`` into ``dead_letters`` (stage ``broker``): what the broker
+        dead-lettered by itself (delivery limit, rejects) becomes inspectable and replayable.
+        Every scorer process runs one; they compete for the queue like the scorers do."""
+        from gateway.deadletters import DeadLetterDrain
+
+        consumer = self.bus.consumer(self.topology.dead_letter_queue, 100)
+        self.drain = DeadLetterDrain(consumer, self.store, self.topology)
+        self._spawn("dead-letter-drain", self.drain.run, consumer.close)
 
     def _start_bridges(self) -> None:
         """One forwarder per bridge: its gateway queue in, the legacy broker (confirms) out."""
@@ -154,7 +206,8 @@ class Gateway:
 
         from gateway.api import create_app
 
-        app = create_app(self.settings, self.store, self.bus, on_accept=self.wake_relay)
+        app = create_app(self.settings, self.store, self.bus, on_accept=self.wake_relay, registry=self.metrics_registry)
+        app.state.breakers = self.breakers  # /readyz shows this process's breakers
         config = uvicorn.Config(
             app, host=self.settings.api.host, port=self.settings.api.port, log_level="warning", lifespan="off"
         )
@@ -167,6 +220,17 @@ class Gateway:
             self.api_server.should_exit = True
 
         self._spawn("api", serve, close)
+
+    def serve_metrics(self, port: int, addr: str = "0.0.0.0") -> None:  # noqa: S104
+        """Serve :attr:`metrics_registry` on ``addr:port`` (a worker without the API role).
+
+        Args:
+            port: TCP port (0: any free port).
+            addr: bind address.
+        """
+        server, _thread = serve_metrics(port, self.metrics_registry, addr)  # type: ignore[misc]
+        self._closers.append(server.shutdown)
+        log.info("metrics on http://%s:%d/metrics", addr, server.server_port)
 
     def _spawn(self, name: str, target: Callable[[threading.Event], None], close: Callable[[], None] = lambda: None) -> None:
         def body() -> None:

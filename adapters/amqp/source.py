@@ -28,13 +28,14 @@ import pika.exceptions
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from adapters.base import Batch, PollingSource, Record, Reject, SourceConfig
+from gateway.bus.errors import classify_pika_error
 from gateway.bus.pika_consumer import PikaConsumer
 from gateway.bus.pika_params import connection_parameters
 from gateway.bus.protocols import Delivery
 from gateway.bus.topology import DeclaredTopology, QueueSpec
 from gateway.codecs import Codec, DecodeError, codec_from_config
 from gateway.config import BusSettings
-from gateway.errors import ConfigurationError, GatewayError, TransientError
+from gateway.errors import ConfigurationError, GatewayError
 
 __all__ = ["AmqpSource", "AmqpSourceConfig", "Declare"]
 
@@ -173,13 +174,8 @@ class AmqpSource(PollingSource[AmqpSourceConfig]):
         try:
             ch = conn.channel()
             ch.queue_declare(self.config.queue, passive=True)
-        except pika.exceptions.ChannelClosedByBroker as exc:
-            if exc.reply_code == 404:
-                raise ConfigurationError(
-                    f"source {self.source_name!r}: config.queue: queue {self.config.queue!r} does not exist on the "
-                    "legacy broker (create it there, or set config.declare to let the gateway declare it)"
-                ) from None
-            raise self.classify_error(exc) from None
+        except pika.exceptions.AMQPError as exc:
+            raise self.classify_error(exc) from None  # 404: the queue is missing (ConfigurationError)
         finally:
             if conn.is_open:
                 conn.close()
@@ -263,11 +259,18 @@ class AmqpSource(PollingSource[AmqpSourceConfig]):
 
     # ---------------------------------------------------------------- errors
     def classify_error(self, exc: BaseException) -> GatewayError:
-        """Connection problems are transient; access refusals and bad vhosts are configuration errors."""
+        """pika errors as :func:`~gateway.bus.errors.classify_pika_error` maps them.
+
+        Connection problems are transient; refused credentials, a bad vhost and a missing queue
+        (a passive declare answered 404) are configuration errors.
+        """
         if isinstance(exc, GatewayError):
             return exc
-        if isinstance(exc, pika.exceptions.ProbableAuthenticationError | pika.exceptions.ProbableAccessDeniedError):
-            return ConfigurationError(f"source {self.source_name!r}: the legacy broker refused the credentials or vhost")
+        if isinstance(exc, pika.exceptions.ChannelClosedByBroker) and exc.reply_code == 404:
+            return ConfigurationError(
+                f"source {self.source_name!r}: config.queue: queue {self.config.queue!r} does not exist on the "
+                "legacy broker (create it there, or set config.declare to let the gateway declare it)"
+            )
         if isinstance(exc, pika.exceptions.AMQPError | OSError):
-            return TransientError(f"source {self.source_name!r}: legacy broker unavailable: {type(exc).__name__}")
+            return classify_pika_error(exc, f"source {self.source_name!r}: legacy broker")
         return super().classify_error(exc)

@@ -11,7 +11,7 @@ from gateway import __version__
 from gateway.api.deps import ApiMetrics
 from gateway.api.limits import BacklogGuard, BodySizeLimitMiddleware
 from gateway.api.problems import install_problem_handlers
-from gateway.api.routers import events, health
+from gateway.api.routers import dead_letters, events, health
 from gateway.bus.protocols import Bus
 from gateway.config import Settings
 from gateway.store import EventStore
@@ -22,7 +22,7 @@ API_TITLE = "legacy-gateway API"
 
 _DESCRIPTION = """\
 Accept CloudEvents 1.0 (structured JSON mode) into the gateway's outbox and read stored events with
-their lineage, delivery state and scores. Errors are RFC 9457 problem details
+their lineage, delivery state and scores; inspect, replay and delete dead letters. Errors are RFC 9457 problem details
 (`application/problem+json`). Operational endpoints (`/healthz`, `/readyz`, `/metrics`) live
 outside `/v1`.
 """
@@ -69,5 +69,6 @@ def create_app(
     install_problem_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.api.max_body_bytes)
     app.include_router(events.router, prefix="/v1")
+    app.include_router(dead_letters.router, prefix="/v1")
     app.include_router(health.router)
     return app

@@ -30,12 +30,23 @@ __all__ = [
     "CheckResult",
     "SourceBreaker",
     "SourceReadiness",
+    "BreakerReadiness",
     "Readiness",
     "Liveness",
     "ProblemError",
     "Problem",
     "CLOUDEVENT_SCHEMA",
     "record_from_stored",
+    "DeadLetterState",
+    "DeadLetterSummary",
+    "DeadLetterRecord",
+    "DeadLetterPage",
+    "DeadLetterFilterIn",
+    "DeadLetterReplayRequest",
+    "DeadLetterReplayItem",
+    "DeadLetterReplayResponse",
+    "DeadLetterDeleteRequest",
+    "DeadLetterDeleteResponse",
 ]
 
 #: An aware UTC datetime rendered as RFC 3339 with microseconds and ``Z``.
@@ -149,14 +160,23 @@ class SourceReadiness(_Out):
     """One source's status in ``GET /readyz``: detail only, never a reason to be unready."""
 
     state: str = Field(
-        description="idle | polling | backoff | paused | paused-by-operator | failed | drift-stopped | fenced | "
-        "stopped; unknown when no runner reported yet"
+        description="idle | polling | backoff | paused | backpressure | paused-by-operator | failed | drift-stopped | "
+        "fenced | stopped; unknown when no runner reported yet"
     )
     desired_state: str = Field("running", description="running | paused (gateway sources pause/resume).")
     breaker: SourceBreaker | None = None
     last_error: str | None = Field(None, description="The runner's last error (shortened, URLs redacted).")
     updated_at: UtcTime | None = Field(None, description="When the runner last wrote its status.")
     drift: bool = Field(False, description="The source's schema fingerprint differs from the accepted baseline.")
+
+
+class BreakerReadiness(_Out):
+    """A circuit breaker of the answering process in ``GET /readyz``: detail only."""
+
+    name: str = Field(description="Breaker name (the downstream: source:<name>, soap:<address>, ...).")
+    state: str = Field(description="closed | open | half_open")
+    failure_rate: float = Field(description="Percent of failed calls in the breaker's current window.")
+    retry_after: float = Field(description="Seconds until trial calls are let through (0 unless open).")
 
 
 class Readiness(_Out):
@@ -168,6 +188,11 @@ class Readiness(_Out):
         default_factory=dict,
         description="Per source (configured or known to the store), what its runner last wrote to the store. "
         "Detail only: a failed or paused source does not make the gateway unready.",
+    )
+    breakers: dict[str, BreakerReadiness] = Field(
+        default_factory=dict,
+        description="Every circuit breaker of the answering process, live. Detail only: an open breaker does "
+        "not make the gateway unready.",
     )
 
 
@@ -258,3 +283,113 @@ def record_from_stored(stored: StoredEvent) -> EventRecord:
             for s in stored.scores
         ],
     )
+
+
+# ---------------------------------------------------------------------------- dead letters
+#: ``open`` (not replayed yet) or ``replayed``.
+DeadLetterState = Literal["open", "replayed"]
+
+
+class _In(BaseModel):
+    """Request bodies: unknown members are errors (SEC-04), server-owned fields are absent."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class DeadLetterSummary(_Out):
+    """A dead letter in ``GET /v1/dead-letters`` (without payload and headers)."""
+
+    id: int
+    stage: str = Field(description="source | scoring | bridge | broker (| relay | ingest).")
+    source_name: str | None = Field(None, description="The gateway source, if known.")
+    event_id: str | None = Field(None, description="The event's id, if known (broker: the AMQP message_id).")
+    error_class: str = Field(description="The error's class, or the broker's x-death reason (delivery_limit...).")
+    reason: str
+    attempts: int = Field(description="Deliveries, reads or scoring attempts so far.")
+    created_at: UtcTime
+    state: DeadLetterState
+    replayed_at: UtcTime | None = Field(None, description="Last successful replay; null while open.")
+    replay_count: int = Field(description="Replay attempts, successful or not.")
+    last_replay_outcome: str | None = Field(None, description="requeued | accepted | failed.")
+
+
+class DeadLetterRecord(DeadLetterSummary):
+    """Everything about one dead letter."""
+
+    payload: str | None = Field(None, description="The record or message body as stored (text; base64 when "
+                                "headers.payload_encoding is base64).")
+    headers: dict[str, Any] | None = Field(None, description="Message headers (x-death for broker dead letters).")
+    position: Any = Field(None, description="Where the item sat in its source: record position or failing cursor.")
+    last_replay_at: UtcTime | None = None
+    last_replay_detail: str | None = Field(None, description="Event ids replayed, or why the last replay failed.")
+
+
+class DeadLetterPage(_Out):
+    """One page of ``GET /v1/dead-letters``."""
+
+    items: list[DeadLetterSummary]
+    next_cursor: str | None = Field(description="Pass as ``cursor`` for the next page; null on the last page.")
+
+
+class DeadLetterFilterIn(_In):
+    """Selects dead letters like ``GET /v1/dead-letters``; every member is optional."""
+
+    stage: str | None = Field(None, max_length=32)
+    source: str | None = Field(None, max_length=128, description="Gateway source name.")
+    error_class: str | None = Field(None, max_length=255)
+    state: Literal["open", "replayed", "all"] | None = Field(
+        None, description="Default: open for a replay (all with again=true), all for a delete."
+    )
+
+
+class DeadLetterReplayRequest(_In):
+    """Body of ``POST /v1/dead-letters/replay``: ``ids`` or ``filter`` (exactly one)."""
+
+    ids: list[int] | None = Field(None, min_length=1, max_length=1000, description="Dead letter ids.")
+    filter: DeadLetterFilterIn | None = Field(None, description="Select by filter instead (oldest first).")
+    limit: int = Field(100, ge=1, le=1000, description="Most dead letters the filter selects.")
+    rate: float = Field(50.0, gt=0, le=1000, description="Most dead letters replayed per second.")
+    again: bool = Field(False, description="Also replay dead letters that were replayed already.")
+    dry_run: bool = Field(False, description="Only report what would happen.")
+
+
+class DeadLetterReplayItem(_Out):
+    """The outcome of one dead letter."""
+
+    id: int
+    stage: str
+    outcome: Literal["requeued", "accepted", "skipped", "failed"] = Field(
+        description="requeued: its event (in the outbox) is published again; accepted: its event is new in the "
+        "outbox; skipped: replayed already; failed: see detail."
+    )
+    event_ids: list[str]
+    detail: str
+
+
+class DeadLetterReplayResponse(_Out):
+    """Answer of ``POST /v1/dead-letters/replay``; with ``dry_run`` what *would* happen."""
+
+    dry_run: bool
+    replayed: int = Field(description="requeued + accepted.")
+    requeued: int
+    accepted: int
+    skipped: int
+    failed: int = Field(description="Failed items plus ids that do not exist.")
+    not_found: list[int]
+    items: list[DeadLetterReplayItem]
+
+
+class DeadLetterDeleteRequest(_In):
+    """Body of ``POST /v1/dead-letters/delete``: ``ids`` or ``filter``, and ``confirm``."""
+
+    ids: list[int] | None = Field(None, min_length=1, max_length=10000, description="Dead letter ids.")
+    filter: DeadLetterFilterIn | None = Field(None, description="Select by filter instead.")
+    confirm: int = Field(ge=0, description="The number of dead letters you expect to delete; when the selection "
+                         "holds another number nothing is deleted (409, with the count).")
+
+
+class DeadLetterDeleteResponse(_Out):
+    """Answer of the delete endpoints."""
+
+    deleted: int
+    ids: list[int]

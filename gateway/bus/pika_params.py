@@ -11,7 +11,13 @@ hygiene rules live in one place:
 * the AMQP URL is a ``SecretStr``: it is unwrapped only to build the parameters, and
   :func:`redact` scrubs the password from anything that may reach a log or an error message;
 * pika objects are not thread-safe: :class:`ThreadGuard` (debug mode) makes any touch from a
-  thread other than the owning I/O thread raise :class:`ThreadOwnershipError`.
+  thread other than the owning I/O thread raise :class:`ThreadOwnershipError`;
+* a silent network is detected within 2-2.5x the heartbeat (REL-05): pika 1.4's own checker
+  only looks every ``heartbeat + 5`` s and needs a whole such interval without a byte (7-14 s
+  for a 2 s heartbeat), so every connection also runs our check, every ``heartbeat / 2``: no byte
+  from the broker (which sends a heartbeat frame every ``heartbeat / 2`` when idle) for
+  ``2 x heartbeat`` ends the connection with ``AMQPHeartbeatTimeout`` and the normal recovery
+  reconnects.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import logging
 import os
 import random
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable
 from typing import Any
@@ -27,7 +34,7 @@ from typing import Any
 import pika
 from pika.adapters.select_connection import IOLoop, SelectConnection
 from pika.channel import Channel
-from pika.exceptions import ChannelClosedByBroker
+from pika.exceptions import AMQPHeartbeatTimeout, ChannelClosedByBroker
 
 from gateway.bus.topology import Topology
 from gateway.config import BusSettings
@@ -258,15 +265,22 @@ class IOThreadClient:
         self._closed = False  # no new work accepted (any thread, under _lock)
         self._closing = False  # shutdown in progress (I/O thread)
         self._connection: Any = None  # I/O thread only
+        self._raw_connection: Any = None  # the same, never guard-wrapped (identity checks)
         self._channel: Any = None  # I/O thread only (maybe ThreadGuard-wrapped)
         self._raw_channel: Channel | None = None
         self._declaring = ""
         self._ready = threading.Event()  # set while the channel is fully set up
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.connects = 0  #: successful set-ups so far (1 after start, +1 per recovery)
+        self.silent_drops = 0  #: connections ended because the broker went silent (REL-05)
         self.last_error = ""  #: last connection/channel error, password redacted
 
     # -- any thread
+    @property
+    def name(self) -> str:
+        """The connection name (``client_properties.connection_name``) the broker shows."""
+        return self._name
+
     @property
     def ready(self) -> bool:
         """Whether the connection and channel are currently open and set up."""
@@ -326,6 +340,7 @@ class IOThreadClient:
             on_close_callback=self._on_connection_closed,
             custom_ioloop=self._ioloop,
         )
+        self._raw_connection = conn
         self._connection = guard(conn, self._guard, f"{self._name}.connection")
 
     def _schedule(self, action: Callable[[], None]) -> None:
@@ -333,9 +348,38 @@ class IOThreadClient:
         _log.info("%s: retrying in %.2fs", self._name, delay)
         self._ioloop.call_later(delay, action)
 
-    def _on_connection_open(self, _conn: Any) -> None:
+    def _on_connection_open(self, conn: Any) -> None:
+        self._watch_liveness(conn)
         self._on_connection_hooks(self._connection)
         self._connection.channel(on_open_callback=self._on_channel_open)
+
+    def _watch_liveness(self, conn: Any) -> None:
+        """End ``conn`` when the broker has sent nothing for twice the negotiated heartbeat."""
+        heartbeat = getattr(getattr(conn, "params", None), "heartbeat", None) or 0
+        if not heartbeat:
+            return  # heartbeats off: nothing says how long silence may last
+        limit = 2.0 * heartbeat
+        seen = [conn.bytes_received, time.monotonic()]
+
+        def check() -> None:
+            if conn is not self._raw_connection or conn.is_closing or conn.is_closed:
+                return  # a newer connection has its own check
+            now = time.monotonic()
+            if conn.bytes_received != seen[0]:
+                seen[0], seen[1] = conn.bytes_received, now
+            elif now - seen[1] >= limit:
+                _log.warning(
+                    "%s: nothing from the broker for %.1f s (2x the %d s heartbeat); dropping the connection",
+                    self._name, now - seen[1], heartbeat,
+                )
+                self.silent_drops += 1
+                conn._terminate_stream(  # what pika's own heartbeat checker calls
+                    AMQPHeartbeatTimeout(f"no bytes received for {now - seen[1]:.1f} s (heartbeat {heartbeat} s)")
+                )
+                return
+            self._ioloop.call_later(heartbeat / 2.0, check)
+
+        self._ioloop.call_later(heartbeat / 2.0, check)
 
     def _on_connection_open_error(self, _conn: Any, exc: BaseException) -> None:
         self._connection = None
@@ -444,3 +488,4 @@ class IOThreadClient:
 
     def _on_stopped(self) -> None:
         """The I/O thread is ending (called on it, after the IOLoop closed)."""
+

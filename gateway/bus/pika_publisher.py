@@ -151,6 +151,7 @@ class PikaPublisher(IOThreadClient):
                     props = BasicProperties(
                         content_type=m.content_type, delivery_mode=2, message_id=m.message_id,
                         headers=m.headers or None,
+                        expiration=str(m.expiration_ms) if m.expiration_ms is not None else None,
                     )
                     publish(exchange, m.routing_key, m.body, props, True)
                     inflight[tag] = (batch, i)

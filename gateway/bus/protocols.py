@@ -30,6 +30,8 @@ class Message:
         message_id: AMQP ``message_id``; the event id, so consumers can de-duplicate.
         headers: AMQP headers (string keys; values str/int/float/bool).
         content_type: AMQP ``content_type``.
+        expiration_ms: per-message TTL (AMQP ``expiration``) in ms; ``None``: none. Delayed retries
+            use it: the message expires in its retry queue and is dead-lettered back.
     """
 
     body: bytes
@@ -37,6 +39,7 @@ class Message:
     message_id: str
     headers: Mapping[str, Any] = field(default_factory=dict)
     content_type: str = "application/cloudevents+json"
+    expiration_ms: int | None = None
 
 
 class Outcome(enum.Enum):

@@ -1,7 +1,8 @@
 """The RabbitMQ bus (pika): topology, publishers and consumers on separate connections (REL-10).
 
 * :meth:`RabbitBus.declare_topology`, :meth:`RabbitBus.queue_depth` and :meth:`RabbitBus.health`
-  use a short-lived ``BlockingConnection`` in the calling thread (never shared).
+  use a short-lived ``BlockingConnection`` in the calling thread (never shared); ``health`` also
+  reports the liveness of this bus's consumers (:meth:`RabbitBus.consumers_liveness`).
 * Every :meth:`RabbitBus.publisher` and :meth:`RabbitBus.consumer` has its own
   ``SelectConnection`` and I/O thread, re-declares the topology on every (re)connect and recovers
   by itself.
@@ -124,7 +125,26 @@ class RabbitBus:
         except Exception as exc:  # noqa: BLE001 - health must answer, not raise
             return BusHealth(ok=False, kind=self.kind, detail=redact(f"{type(exc).__name__}: {exc}", self.settings))
         p = connection_parameters(self.settings)
-        return BusHealth(ok=True, kind=self.kind, detail=f"connected to {p.host}:{p.port} vhost {p.virtual_host!r}")
+        detail = f"connected to {p.host}:{p.port} vhost {p.virtual_host!r}"
+        live = self.consumers_liveness()
+        down = [d for ok, d in live.values() if not ok]
+        if down:
+            return BusHealth(ok=False, kind=self.kind, detail=f"{detail}; consumer not live: " + "; ".join(down))
+        if live:
+            paused = sum(1 for _ok, d in live.values() if ": paused" in d)
+            detail += f"; {len(live)} consumers live ({paused} paused)"
+        return BusHealth(ok=True, kind=self.kind, detail=detail)
+
+    def consumers_liveness(self) -> dict[str, tuple[bool, str]]:
+        """:meth:`PikaConsumer.liveness` of every open consumer this bus created, by connection name.
+
+        ``health`` (and so ``/readyz``) fails when one of them is not live: closed by itself or
+        disconnected longer than a connection attempt plus the backoff cap. A paused consumer is
+        live. Consumers closed through ``close()`` are left out.
+        """
+        with self._lock:
+            consumers = [c for c in self._clients if isinstance(c, PikaConsumer) and not c.close_requested]
+        return {c.name: c.liveness() for c in consumers}
 
     # -- factories
     def publisher(self) -> PikaPublisher:

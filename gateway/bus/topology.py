@@ -5,6 +5,13 @@
 * ``<prefix>.scored``  -- topic exchange; scored events, routing key = the original event type.
 * ``<prefix>.dlx``     -- fanout dead-letter exchange, declared first.
 * ``<prefix>.dead``    -- quorum dead-letter queue bound to ``dlx``.
+* ``<prefix>.retry``   -- direct exchange of the delayed retries (REL-08): routing key
+  ``<prefix>.scoring.retry.<ttl>ms`` reaches that retry level, routing key ``<prefix>.scoring``
+  reaches the scoring queue (where expired retries return, and where operators may replay).
+* ``<prefix>.scoring.retry.<ttl>ms`` -- one quorum queue per retry level, not consumed:
+  ``x-message-ttl`` = the level's cap, dead-lettered on expiry to ``retry`` with routing key
+  ``<prefix>.scoring`` (see :mod:`gateway.bus.retry`). Named by TTL, so changing the retry settings
+  declares new levels instead of failing on the old ones; an emptied old level can be deleted.
 """
 
 from __future__ import annotations
@@ -13,7 +20,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from gateway.config import BusSettings
+from gateway.bus.retry import RetrySchedule
+from gateway.config import BusSettings, ScoringSettings
 
 __all__ = ["DeclaredTopology", "Topology", "QueueSpec", "topic_matches"]
 
@@ -29,17 +37,30 @@ class QueueSpec:
 
 @dataclass(frozen=True, slots=True)
 class Topology:
-    """Names and arguments derived from the bus settings."""
+    """Names and arguments derived from the bus (and scoring) settings.
+
+    ``retry_ttls_ms`` are the retry levels (queue TTLs in ms); the default is what the default
+    scoring settings need with ``bus.max_attempts=3``.
+    """
 
     prefix: str
     delivery_limit: int = 5
     max_queue_length: int | None = None
     extra_queues: tuple[QueueSpec, ...] = field(default=())
+    retry_ttls_ms: tuple[int, ...] = field(default=RetrySchedule().level_ttls_ms(3))
 
     @classmethod
-    def from_settings(cls, settings: BusSettings) -> Topology:
-        """Topology for ``settings``."""
-        return cls(settings.prefix, settings.delivery_limit, settings.max_queue_length)
+    def from_settings(cls, settings: BusSettings, scoring: ScoringSettings | None = None) -> Topology:
+        """Topology for ``settings``; the retry levels follow ``scoring`` (default: its defaults).
+
+        Every process declaring the topology must pass the same scoring settings, or they declare
+        different retry levels (harmless, but levels only one side uses).
+        """
+        schedule = RetrySchedule.from_settings(scoring if scoring is not None else ScoringSettings())
+        return cls(
+            settings.prefix, settings.delivery_limit, settings.max_queue_length,
+            retry_ttls_ms=schedule.level_ttls_ms(settings.max_attempts),
+        )
 
     def bridge_queue(self, name: str) -> str:
         """The gateway-side queue of bridge ``name`` (scored events waiting to go to a legacy queue)."""
@@ -83,9 +104,31 @@ class Topology:
     def dead_letter_queue(self) -> str:
         return f"{self.prefix}.dead"
 
+    @property
+    def retry_exchange(self) -> str:
+        return f"{self.prefix}.retry"
+
+    def retry_queue(self, ttl_ms: int) -> str:
+        """The retry level whose messages wait at most ``ttl_ms``."""
+        return f"{self.scoring_queue}.retry.{ttl_ms}ms"
+
+    def retry_level(self, delay_ms: int) -> tuple[str, int] | None:
+        """(queue, ttl) of the shortest declared level holding ``delay_ms``; else the longest level.
+
+        Returns:
+            ``None`` when no retry level is declared (``bus.max_attempts`` = 1).
+        """
+        if not self.retry_ttls_ms:
+            return None
+        ttl = next((t for t in sorted(self.retry_ttls_ms) if t >= delay_ms), max(self.retry_ttls_ms))
+        return self.retry_queue(ttl), ttl
+
     def exchanges(self) -> list[tuple[str, str]]:
         """(name, type) in declaration order: the DLX first."""
-        return [(self.dead_letter_exchange, "fanout"), (self.events_exchange, "topic"), (self.scored_exchange, "topic")]
+        return [
+            (self.dead_letter_exchange, "fanout"), (self.events_exchange, "topic"), (self.scored_exchange, "topic"),
+            (self.retry_exchange, "direct"),
+        ]
 
     def queues(self) -> list[QueueSpec]:
         """Every queue, dead-letter queue first. Every argument is explicit (REL-03)."""
@@ -101,8 +144,35 @@ class Topology:
         dead_args: dict[str, Any] = {"x-queue-type": "quorum", "x-overflow": "reject-publish"}
         return [
             QueueSpec(self.dead_letter_queue, dead_args, ((self.dead_letter_exchange, ""),)),
-            QueueSpec(self.scoring_queue, scoring_args, ((self.events_exchange, "#"),)),
+            QueueSpec(
+                self.scoring_queue, scoring_args,
+                ((self.events_exchange, "#"), (self.retry_exchange, self.scoring_queue)),
+            ),
+            *self.retry_queues(),
             *self.extra_queues,
+        ]
+
+    def retry_queues(self) -> list[QueueSpec]:
+        """The retry levels (REL-08): expired messages go back to the scoring queue.
+
+        Dead-lettering is at-least-once (it needs ``reject-publish``): an expired message stays in
+        its level until the scoring queue accepted it, even when that queue is full.
+        """
+        return [
+            QueueSpec(
+                self.retry_queue(ttl),
+                {
+                    "x-queue-type": "quorum",
+                    "x-message-ttl": ttl,
+                    "x-dead-letter-exchange": self.retry_exchange,
+                    "x-dead-letter-routing-key": self.scoring_queue,
+                    "x-dead-letter-strategy": "at-least-once",
+                    "x-overflow": "reject-publish",
+                    "x-delivery-limit": self.delivery_limit,
+                },
+                ((self.retry_exchange, self.retry_queue(ttl)),),
+            )
+            for ttl in sorted(set(self.retry_ttls_ms))
         ]
 
 

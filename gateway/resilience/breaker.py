@@ -63,12 +63,14 @@ from types import TracebackType
 from typing import Any, ParamSpec, TypeVar
 
 from gateway.errors import CircuitOpenError, ConfigurationError, TransientError
+from gateway.resilience.budget import RetryBudget
 from gateway.resilience.retry import RetryPolicy, retrying
 
 __all__ = [
     "BreakerListener",
     "BreakerPolicy",
     "BreakerState",
+    "CallListener",
     "CircuitBreaker",
     "ExceptionClassifier",
     "Outcome",
@@ -86,6 +88,11 @@ ExceptionClassifier = tuple[type[BaseException], ...] | Callable[[BaseException]
 
 BreakerListener = Callable[[str, "BreakerState", "BreakerState"], None]
 """Called as ``listener(breaker_name, old_state, new_state)`` after every transition."""
+
+CallListener = Callable[[str, str], None]
+"""Called as ``listener(breaker_name, outcome)`` for every call (metrics): ``outcome`` is
+``"success"``, ``"failure"`` or ``"ignored"`` once per completed call, ``"rejected"`` per refused
+call, and ``"slow"`` *in addition* for a recorded call slower than ``slow_call_duration``."""
 
 
 class BreakerState(enum.StrEnum):
@@ -321,6 +328,7 @@ class CircuitBreaker:
         self.policy = policy if policy is not None else BreakerPolicy()
         self._clock = clock
         self._listeners = list(listeners)
+        self._call_listeners: list[CallListener] = []
         # Guards every field below; never held while a protected call runs or a listener runs.
         self._lock = threading.Lock()
         self._state = BreakerState.CLOSED
@@ -350,6 +358,15 @@ class CircuitBreaker:
         """
         with self._lock:
             self._listeners.append(listener)
+
+    def add_call_listener(self, listener: CallListener) -> None:
+        """Register a per-call listener ``(name, outcome)`` (see :data:`CallListener`).
+
+        Args:
+            listener: the callable; it runs outside the lock, in the calling thread.
+        """
+        with self._lock:
+            self._call_listeners.append(listener)
 
     def acquire(self) -> Permit:
         """Take a permit for one call; complete it with ``success()``/``failure()``/``release()``.
@@ -382,6 +399,7 @@ class CircuitBreaker:
                 self._rejected += 1
         self._notify(changes)
         if error is not None:
+            self._notify_call("rejected")
             raise error
         return permit
 
@@ -503,6 +521,9 @@ class CircuitBreaker:
             permit._done = True
             changes = self._record(permit, outcome, now)
         self._notify(changes)
+        self._notify_call(outcome.value)
+        if outcome is not Outcome.IGNORED and now - permit.started_at > self.policy.slow_call_duration:
+            self._notify_call("slow")
 
     def _record(self, permit: Permit, outcome: Outcome, now: float) -> list[tuple[BreakerState, BreakerState]]:
         """Count ``outcome`` in the current window unless the permit is from an older state."""
@@ -552,6 +573,14 @@ class CircuitBreaker:
             self._opened_at = None
         return [] if old is new else [(old, new)]
 
+    def _notify_call(self, outcome: str) -> None:
+        """Tell call listeners about one call's outcome; runs without the lock."""
+        for listener in list(self._call_listeners):
+            try:
+                listener(self.name, outcome)
+            except Exception:
+                log.exception("circuit breaker %r: call listener %r failed", self.name, listener)
+
     def _notify(self, changes: list[tuple[BreakerState, BreakerState]]) -> None:
         """Log and tell listeners about transitions; runs without the lock."""
         for old, new in changes:
@@ -570,6 +599,7 @@ def guarded(
     /,
     *args: Any,
     sleep: Callable[[float], None] = time.sleep,
+    budget: RetryBudget | None = None,
     **kwargs: Any,
 ) -> T:
     """Call ``fn`` as ``Retry(CircuitBreaker(call))``: each attempt goes through the breaker.
@@ -585,6 +615,8 @@ def guarded(
         fn: the synchronous call.
         *args: positional arguments for ``fn``.
         sleep: how to wait between attempts (inject a fake in tests); not passed to ``fn``.
+        budget: the downstream's retry budget (see :func:`~gateway.resilience.retrying`); not
+            passed to ``fn``.
         **kwargs: keyword arguments for ``fn``.
 
     Returns:
@@ -594,5 +626,5 @@ def guarded(
         CircuitOpenError: the breaker rejected an attempt.
         Exception: the first non-retryable error, or the last one when retries ran out.
     """
-    result: T = retrying(retry_policy, sleep=sleep)(breaker.call, fn, *args, **kwargs)
+    result: T = retrying(retry_policy, budget=budget, sleep=sleep)(breaker.call, fn, *args, **kwargs)
     return result

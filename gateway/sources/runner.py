@@ -15,8 +15,15 @@ While the breaker is open the adapter is not called: :meth:`SourceRunner.run_onc
 pauses the source until the breaker lets trial polls through. The store write is not behind the
 source breaker: the store is the gateway's own and has its own retry.
 
+Retries are budgeted: the fetch by the retry budget of the breaker's name, the store commit by
+the ``store`` budget (:class:`~gateway.resilience.RetryBudget`, policies from
+``settings.resilience``); an empty budget ends the retries at once.
+
 :meth:`SourceRunner.run` also:
 
+* pauses polling while the **outbox backlog** is above its threshold (state ``backpressure``,
+  REL-09; see :class:`~gateway.resilience.OutboxBackpressure`): the relay cannot keep up (the broker
+  refuses or is down), so the source's records stay where they are and its cursor does not move;
 * stops polling after a **permanent** fetch error (``PermanentError``, ``ConfigurationError``):
   one dead letter, state ``failed``, until an operator resumes the source;
 * honours **operator commands** from the store (``gateway sources pause|resume|accept-drift``),
@@ -54,7 +61,7 @@ from datetime import datetime
 from typing import Any
 
 from adapters.base import Batch, PollingSource, Reject
-from gateway.config import SourceSettings
+from gateway.config import ResilienceSettings, SourceSettings
 from gateway.errors import (
     CircuitOpenError,
     ConfigurationError,
@@ -71,6 +78,7 @@ from gateway.resilience import (
     BreakerRegistry,
     BreakerState,
     CircuitBreaker,
+    OutboxBackpressure,
     RetryPolicy,
     retrying,
 )
@@ -94,6 +102,7 @@ STATES = (
     "polling",  # a poll is in progress
     "backoff",  # the last poll failed with a transient error; retrying with backoff
     "paused",  # the source's circuit breaker is open; waiting for trial polls
+    "backpressure",  # the outbox backlog is above its threshold; waiting for the relay to drain it
     "paused-by-operator",  # `gateway sources pause`; waiting for `resume`
     "failed",  # a permanent error; waiting for `resume` (or a restart)
     "drift-stopped",  # schema drift with stop_on_drift; waiting for `accept-drift` or `resume`
@@ -184,7 +193,8 @@ class SourceRunner:
         store: the gateway store.
         adapter: the adapter instance (built from ``settings`` when ``None``).
         on_accept: called after each committed batch with new events (wakes the relay).
-        retry: policy for transient failures of the adapter and the store.
+        retry: policy for transient failures of the adapter and the store; overrides
+            ``resilience`` (tests).
         sleep: injectable sleep between retry attempts (tests).
         clock: monotonic clock of the source's circuit breaker (when the runner creates its own
             registry), of the status-write and operator-check periods and of drift checks (tests
@@ -203,6 +213,12 @@ class SourceRunner:
         lease_ttl: seconds the source's lease lasts unless renewed (default:
             ``settings.lease_ttl``). Lease times come from the store's (UTC) clock; renewal is
             scheduled on ``clock``.
+        resilience: retry policies and budgets by downstream (default: the defaults of
+            :class:`~gateway.config.ResilienceSettings`). The fetch is retried with the policy
+            and budget of the breaker's name, the store commit with those of ``store``; budgets
+            come from ``breakers``, so runners given one registry share them.
+        backpressure: the process's outbox backlog gate; while it is engaged the runner does not
+            poll (state ``backpressure``). ``None``: no backlog check.
     """
 
     def __init__(
@@ -220,6 +236,8 @@ class SourceRunner:
         status_interval: float | None = None,
         owner: str | None = None,
         lease_ttl: float | None = None,
+        resilience: ResilienceSettings | None = None,
+        backpressure: OutboxBackpressure | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -229,10 +247,10 @@ class SourceRunner:
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._on_accept = on_accept
         self._sleep = sleep
-        policy = retry or RetryPolicy(attempts=6, base_delay=0.2, max_delay=5.0, deadline=30.0)
-        # Reusable (the runner is one thread). Its sleeps renew the lease when due: a fetch or
-        # store write retried with backoff must not let the lease lapse.
-        self._retrying = retrying(policy, sleep=self._sleep_renewing, logger=log)
+        self._retry = retry
+        self._resilience = resilience if resilience is not None else ResilienceSettings()
+        self._backpressure = backpressure
+        self._backpressured_since: float | None = None  # clock() when the current episode began
         self._wait = wait
         self._clock = clock
         self._status_interval = settings.status_interval if status_interval is None else status_interval
@@ -250,6 +268,10 @@ class SourceRunner:
         self._status_lock = threading.RLock()  # breaker listeners may save from other runners' threads
         self._pending_dead_letter: dict[str, Any] | None = None
         self._registry = breakers if breakers is not None else BreakerRegistry(clock)
+        # Reusable (the runner is one thread). Their sleeps renew the lease when due: a fetch or
+        # store write retried with backoff must not let the lease lapse.
+        self._store_retrying = self._retrying_for("store")
+        self._fetch_retrying = self._retrying_for(f"source:{settings.name}", budgeted=False)  # until attached
         self._breaker: CircuitBreaker
         if type(self.adapter).breaker_key is PollingSource.breaker_key:
             # The default key does not depend on open(): take the real breaker now.
@@ -273,8 +295,15 @@ class SourceRunner:
         """
         return self._breaker
 
+    def _retrying_for(self, downstream: str, *, budgeted: bool = True) -> Any:
+        """A reusable tenacity ``Retrying`` with ``downstream``'s policy and budget."""
+        policy = self._retry or self._resilience.retry_policy(downstream)
+        budget = self._registry.budget(downstream, self._resilience.budget_policy(downstream)) if budgeted else None
+        return retrying(policy, budget=budget, sleep=self._sleep_renewing, clock=self._clock, logger=log)
+
     def _attach_breaker(self, key: str) -> None:
-        """Get (or create) the breaker ``key`` and listen to its transitions."""
+        """Get (or create) the breaker ``key`` and its retry budget, and listen to its transitions."""
+        self._fetch_retrying = self._retrying_for(key)
         breaker = self._registry.get(key, self.settings.breaker.to_policy())
         breaker.add_listener(self._on_breaker_transition)
         provisional = getattr(self, "_breaker", None)
@@ -396,7 +425,7 @@ class SourceRunner:
                 events, rejects = self.map_batch(batch)
                 result = AcceptResult(inserted=[], duplicates=[])
                 if batch.records or batch.rejects:  # an empty poll writes nothing: no transaction at all
-                    for attempt in self._retrying:
+                    for attempt in self._store_retrying:
                         with attempt:
                             result = self.store.accept(
                                 events,
@@ -455,7 +484,7 @@ class SourceRunner:
                 raise self.adapter.classify_error(exc) from exc
 
         batch: Batch | None = None
-        for attempt in self._retrying:
+        for attempt in self._fetch_retrying:
             with attempt:
                 batch = self.breaker.call(fetch)
         assert batch is not None  # tenacity re-raises when every attempt failed
@@ -530,6 +559,8 @@ class SourceRunner:
                     self._drift.override()  # resumed without accepting: poll despite this digest
                     self.status.drift = self._drift.drift
                 return backoff
+            if self._backpressure is not None and self._hold_for_backpressure(stop):
+                return backoff
             batch = self.run_once()
             if not batch.has_more:
                 self._pace(stop, self.settings.interval)
@@ -562,6 +593,36 @@ class SourceRunner:
                 log.exception("source %r: unexpected error (next try in %.0fs)", self.settings.name, backoff)
             self._pace(stop, backoff)
             return min(backoff * 2, 60.0)
+
+    def _hold_for_backpressure(self, stop: threading.Event) -> bool:
+        """While the outbox backlog is above its threshold: report ``backpressure`` and wait one
+        check interval without polling (the lease is renewed). Returns whether it waited.
+
+        Logged once per episode (on entering and on leaving): the source's records stay in the
+        legacy system and its cursor does not move, so nothing is lost while it waits.
+        """
+        gate = self._backpressure
+        assert gate is not None
+        if not gate.engaged():
+            if self._backpressured_since is not None:
+                log.warning(
+                    "source %r: backpressure released after %.0fs (outbox backlog %s, below %g): polling resumes",
+                    self.settings.name, self._clock() - self._backpressured_since, gate.pending, gate.resume_below,
+                )
+                self._backpressured_since = None
+                self._set_state("idle")
+            return False
+        if self._backpressured_since is None:
+            self._backpressured_since = self._clock()
+            log.warning(
+                "source %r: backpressure: the outbox holds %s undelivered events (threshold %d); polling pauses "
+                "until it drops below %g",
+                self.settings.name, gate.pending, gate.threshold, gate.resume_below,
+            )
+        self._set_state("backpressure")
+        self._wait_holding(stop, min(gate.interval, self._status_interval))
+        self._save_status()  # heartbeat
+        return True
 
     def close(self) -> None:
         """Stop holding the source: close the adapter, report ``stopped``, release the lease.

@@ -33,6 +33,7 @@ from gateway.events import Event, utcnow
 from gateway.events.jsonsafe import loads
 from gateway.store._sql import guard as _guard
 from gateway.store._sql import insert_ignore as _insert_ignore
+from gateway.store.attempts import ScoringAttemptRepository
 from gateway.store.leases import LeaseRepository
 from gateway.store.schema import (
     EVENT_PENDING,
@@ -52,10 +53,19 @@ __all__ = [
     "StoredEvent",
     "CursorState",
     "DeadLetter",
+    "ReplayWrite",
     "EventFilter",
+    "DEAD_OPEN",
+    "DEAD_REPLAYED",
+    "DEAD_STATES",
 ]
 
 _CHUNK = 500
+
+#: Dead-letter states (``list_dead_letters(state=...)``): open = not replayed (yet).
+DEAD_OPEN = "open"
+DEAD_REPLAYED = "replayed"
+DEAD_STATES = (DEAD_OPEN, DEAD_REPLAYED, "all")
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +157,35 @@ class DeadLetter:
     headers: dict[str, Any] | None
     attempts: int
     created_at: datetime
+    replayed_at: datetime | None = None
+    replay_count: int = 0
+    last_replay_at: datetime | None = None
+    last_replay_outcome: str | None = None
+    last_replay_detail: str | None = None
+    dedupe_key: str | None = None
+
+    @property
+    def state(self) -> str:
+        """``open`` until a replay succeeded, then ``replayed``."""
+        return DEAD_REPLAYED if self.replayed_at is not None else DEAD_OPEN
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayWrite:
+    """What :meth:`EventStore.replay_dead_letter` committed.
+
+    Attributes:
+        requeued: event ids already in the outbox, set back to pending (the relay publishes them again).
+        accepted: event ids newly stored in the outbox.
+    """
+
+    requeued: list[str]
+    accepted: list[str]
+
+    @property
+    def outcome(self) -> str:
+        """``accepted`` when an event was new, else ``requeued``."""
+        return "accepted" if self.accepted else "requeued"
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +198,10 @@ class EventFilter:
     time_to: datetime | None = None
     min_score: float | None = None
     status: str | None = None
+
+
+class _AlreadyReplayed(Exception):
+    """Rolls back a replay whose dead letter was replayed meanwhile."""
 
 
 def _member(column: Any, name: str, pg: bool) -> Any:
@@ -174,9 +217,28 @@ def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]
         yield items[i : i + size]
 
 
-class EventStore(SourceStatusRepository, LeaseRepository):
+
+def _outbox_rows(batch: Iterable[Event], source_name: str | None, now: datetime) -> dict[str, dict[str, Any]]:
+    """New pending outbox rows for ``batch`` by event id (the first of duplicate ids wins)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for ev in batch:
+        rows.setdefault(ev.id, {
+            "id": ev.id,
+            "source_name": source_name or ev.source_name or ev.source,
+            "type": ev.type,
+            "subject": ev.subject,
+            "time": ev.time,
+            "envelope": ev.to_json().decode("utf-8"),
+            "status": EVENT_PENDING,
+            "attempts": 0,
+            "accepted_at": now,
+        })
+    return rows
+
+class EventStore(SourceStatusRepository, LeaseRepository, ScoringAttemptRepository):
     """Repository over the gateway store (source status methods: :class:`SourceStatusRepository`;
-    source leases: :class:`~gateway.store.leases.LeaseRepository`).
+    source leases: :class:`~gateway.store.leases.LeaseRepository`; scoring attempts:
+    :class:`~gateway.store.attempts.ScoringAttemptRepository`).
 
     Args:
         engine: SQLAlchemy engine of the store (migrated to head).
@@ -261,21 +323,7 @@ class EventStore(SourceStatusRepository, LeaseRepository):
             StoreUnavailableError: the transaction did not commit; nothing was written.
         """
         now = self._clock()
-        rows: dict[str, dict[str, Any]] = {}
-        for ev in batch:
-            if ev.id in rows:
-                continue
-            rows[ev.id] = {
-                "id": ev.id,
-                "source_name": source_name or ev.source_name or ev.source,
-                "type": ev.type,
-                "subject": ev.subject,
-                "time": ev.time,
-                "envelope": ev.to_json().decode("utf-8"),
-                "status": EVENT_PENDING,
-                "attempts": 0,
-                "accepted_at": now,
-            }
+        rows = _outbox_rows(batch, source_name, now)
         inserted: list[str] = []
         try:
             with self.engine.begin() as conn:
@@ -637,42 +685,77 @@ class EventStore(SourceStatusRepository, LeaseRepository):
         payload: str | None,
         source_name: str | None = None,
         same: Callable[[str | None, str | None], bool] | None = None,
+        event_id: str | None = None,
+        headers: dict[str, Any] | None = None,
+        attempts: int = 1,
+        dedupe_key: str | None = None,
+        open_stages: Sequence[str] = (),
     ) -> tuple[int, bool]:
-        """Park an item unless an equal dead letter exists; for errors that repeat on every attempt.
+        """Park an item unless an equal dead letter exists; for errors that repeat on every attempt
+        and for messages that may be delivered more than once.
 
-        Existing rows are looked up by ``stage``, ``source_name``, ``error_class`` and ``reason``
-        in the same transaction as the insert; among those, one whose payload is ``same`` as
-        ``payload`` (default: equal text) counts as the same dead letter.
+        Everything happens in the same transaction as the insert. What counts as "equal":
+
+        * ``open_stages`` (with ``event_id``): an open (not replayed) dead letter of one of these
+          stages for the same event -- e.g. the scorer's row for a message it also rejected to
+          the broker's dead-letter queue;
+        * ``dedupe_key``: a dead letter with the same key (unique in the table, so a concurrent
+          insert of the same key is harmless); the stage/reason look-up below is then skipped;
+        * otherwise a row with the same ``stage``, ``source_name``, ``error_class`` and ``reason``
+          whose payload is ``same`` as ``payload`` (default: equal text).
 
         Args:
-            stage: ``source`` | ``relay`` | ``scoring`` | ``ingest``.
-            error_class: the error's class name.
+            stage: ``source`` | ``scoring`` | ``bridge`` | ``broker`` | ``relay`` | ``ingest``.
+            error_class: the error's class name (for the broker: the ``x-death`` reason).
             reason: the error message (truncated like :meth:`add_dead_letter` does).
             payload: the item, JSON text.
             source_name: the source, if any.
             same: ``same(existing_payload, payload)``; compare only the fields that identify the
                 item (for example the cursor), not volatile ones.
+            event_id: the event's id, if known.
+            headers: message headers worth keeping.
+            attempts: deliveries or reads so far.
+            dedupe_key: the item's identity (at most 64 characters, e.g. a SHA-256 hex digest).
+            open_stages: stages whose open dead letter for ``event_id`` makes this one redundant.
 
         Returns:
             The dead letter's id and whether it was created now (``False``: it existed already).
         """
         row = self._dead_row(
             self._clock(), stage=stage, error_class=error_class, reason=reason, payload=payload,
-            source_name=source_name,
+            source_name=source_name, event_id=event_id, headers=headers, attempts=attempts, dedupe_key=dedupe_key,
         )
-        match = same or (lambda old, new: old == new)
         dl = dead_letters.c
-        query = (
-            select(dl.id, dl.payload)
-            .where(
-                dl.stage == stage,
-                dl.source_name.is_(None) if source_name is None else dl.source_name == source_name,
-                dl.error_class == error_class,
-                dl.reason == row["reason"],
-            )
-            .order_by(dl.id.desc())
-        )
         with _guard("add_dead_letter_once"), self.engine.begin() as conn:
+            if open_stages and event_id is not None:
+                found = conn.execute(
+                    select(dl.id)
+                    .where(dl.event_id == event_id, dl.stage.in_(list(open_stages)), dl.replayed_at.is_(None))
+                    .order_by(dl.id)
+                    .limit(1)
+                ).scalar()
+                if found is not None:
+                    return int(found), False
+            if dedupe_key is not None:
+                by_key = select(dl.id).where(dl.dedupe_key == dedupe_key)
+                found = conn.execute(by_key).scalar()
+                if found is not None:
+                    return int(found), False
+                res = conn.execute(_insert_ignore(conn, dead_letters, ["dedupe_key"]).values(**row))
+                if not res.rowcount:  # a concurrent writer stored the same key first
+                    return int(conn.execute(by_key).scalar_one()), False
+                return int(conn.execute(by_key).scalar_one()), True
+            match = same or (lambda old, new: old == new)
+            query = (
+                select(dl.id, dl.payload)
+                .where(
+                    dl.stage == stage,
+                    dl.source_name.is_(None) if source_name is None else dl.source_name == source_name,
+                    dl.error_class == error_class,
+                    dl.reason == row["reason"],
+                )
+                .order_by(dl.id.desc())
+            )
             for existing_id, existing_payload in conn.execute(query).all():
                 if match(existing_payload, payload):
                     return int(existing_id), False
@@ -687,6 +770,26 @@ class EventStore(SourceStatusRepository, LeaseRepository):
         row["created_at"] = now
         return row
 
+    @staticmethod
+    def _dead_conditions(
+        *, stage: str | None, source_name: str | None, error_class: str | None, state: str | None
+    ) -> list[Any]:
+        dl = dead_letters.c
+        cond: list[Any] = []
+        if stage:
+            cond.append(dl.stage == stage)
+        if source_name:
+            cond.append(dl.source_name == source_name)
+        if error_class:
+            cond.append(dl.error_class == error_class)
+        if state == DEAD_OPEN:
+            cond.append(dl.replayed_at.is_(None))
+        elif state == DEAD_REPLAYED:
+            cond.append(dl.replayed_at.is_not(None))
+        elif state not in (None, "all"):
+            raise ValueError(f"state: expected one of {', '.join(DEAD_STATES)}; got {state!r}")
+        return cond
+
     def list_dead_letters(
         self,
         *,
@@ -695,20 +798,31 @@ class EventStore(SourceStatusRepository, LeaseRepository):
         after_id: int | None = None,
         source_name: str | None = None,
         error_class: str | None = None,
+        state: str | None = None,
     ) -> list[DeadLetter]:
-        """Dead letters, oldest first, filtered by stage, source and error class (all optional)."""
-        cond = []
-        if stage:
-            cond.append(dead_letters.c.stage == stage)
-        if source_name:
-            cond.append(dead_letters.c.source_name == source_name)
-        if error_class:
-            cond.append(dead_letters.c.error_class == error_class)
+        """Dead letters, oldest first, filtered by stage, source, error class and state (all optional).
+
+        ``state`` is ``open`` (not replayed), ``replayed`` or ``all``/``None``.
+        """
+        cond = self._dead_conditions(stage=stage, source_name=source_name, error_class=error_class, state=state)
         if after_id is not None:
             cond.append(dead_letters.c.id > after_id)
         with _guard('list_dead_letters'), self.engine.connect() as conn:
             rows = conn.execute(select(dead_letters).where(and_(true(), *cond)).order_by(dead_letters.c.id).limit(limit)).all()
         return [DeadLetter(**r._mapping) for r in rows]
+
+    def count_dead_letters(
+        self,
+        *,
+        stage: str | None = None,
+        source_name: str | None = None,
+        error_class: str | None = None,
+        state: str | None = None,
+    ) -> int:
+        """How many dead letters match the filters of :meth:`list_dead_letters`."""
+        cond = self._dead_conditions(stage=stage, source_name=source_name, error_class=error_class, state=state)
+        with _guard("count_dead_letters"), self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(dead_letters).where(and_(true(), *cond))).scalar_one())
 
     def get_dead_letter(self, dead_letter_id: int) -> DeadLetter | None:
         """One dead letter by id, or ``None``."""
@@ -716,12 +830,127 @@ class EventStore(SourceStatusRepository, LeaseRepository):
             row = conn.execute(select(dead_letters).where(dead_letters.c.id == dead_letter_id)).first()
         return DeadLetter(**row._mapping) if row is not None else None
 
+    def get_dead_letters(self, ids: Sequence[int]) -> list[DeadLetter]:
+        """The dead letters with these ids that exist, in id order."""
+        out: list[DeadLetter] = []
+        with _guard("get_dead_letters"), self.engine.connect() as conn:
+            for chunk in _chunks(sorted(set(ids)), 1000):
+                query = select(dead_letters).where(dead_letters.c.id.in_(list(chunk))).order_by(dead_letters.c.id)
+                out.extend(DeadLetter(**r._mapping) for r in conn.execute(query).all())
+        return out
+
+    def existing_event_ids(self, ids: Sequence[str]) -> set[str]:
+        """Which of ``ids`` are in the outbox (``events``)."""
+        if not ids:
+            return set()
+        with _guard("existing_event_ids"), self.engine.connect() as conn:
+            return self._existing(conn, events.c.id, list(dict.fromkeys(ids)))
+
+    def replay_dead_letter(
+        self,
+        dead_letter_id: int,
+        *,
+        event_ids: Sequence[str] = (),
+        events_in: Sequence[Event] = (),
+        source_name: str | None = None,
+        again: bool = False,
+    ) -> ReplayWrite | None:
+        """Replay one dead letter through the outbox, in ONE transaction.
+
+        Each event (``event_ids`` already in the outbox, and ``events_in``) goes through the outbox
+        again: a row that exists is set back to pending (attempts 0, due now, claims cleared) so
+        the relay publishes it again; a new event is inserted like :meth:`accept` does (idempotent
+        on its deterministic id). In the same transaction the dead letter is marked replayed
+        (``replayed_at``, ``replay_count + 1``, outcome and event ids; ``event_id`` when it had
+        none) -- unless it was replayed meanwhile and ``again`` is false: then nothing is written.
+
+        Args:
+            dead_letter_id: the dead letter.
+            event_ids: ids of events to publish again from the outbox.
+            events_in: events to accept (or publish again, if their id is stored already).
+            source_name: outbox ``source_name`` of new events (default: the event's lineage).
+            again: replay even if the dead letter is marked replayed.
+
+        Returns:
+            What was written, or ``None`` when the dead letter is replayed already (or gone).
+        """
+        now = self._clock()
+        rows = _outbox_rows(events_in, source_name, now)
+        wanted = list(dict.fromkeys([*event_ids, *rows]))
+        if not wanted:
+            raise ValueError("replay_dead_letter needs event_ids or events_in")
+        dl = dead_letters.c
+        try:
+            with self.engine.begin() as conn:
+                present = self._existing(conn, events.c.id, wanted)
+                missing = [i for i in event_ids if i not in present and i not in rows]
+                if missing:
+                    raise ValueError(f"event(s) {missing} are not in the outbox")
+                fresh = [rows[i] for i in rows if i not in present]
+                accepted = self._insert_events(conn, fresh) if fresh else []
+                requeued = [i for i in wanted if i not in set(accepted)]
+                for chunk in _chunks(requeued, 1000):
+                    conn.execute(
+                        update(events)
+                        .where(events.c.id.in_(list(chunk)))
+                        .values(status=EVENT_PENDING, attempts=0, next_attempt_at=now, claimed_by=None,
+                                claimed_until=None, last_error=None, published_at=None)
+                    )
+                mark = update(dead_letters).where(dl.id == dead_letter_id)
+                if not again:
+                    mark = mark.where(dl.replayed_at.is_(None))
+                detail = ("accepted " if accepted else "requeued ") + ", ".join(wanted)
+                res = conn.execute(mark.values(
+                    replayed_at=now, replay_count=dl.replay_count + 1, last_replay_at=now,
+                    last_replay_outcome="accepted" if accepted else "requeued", last_replay_detail=detail[:10000],
+                    event_id=func.coalesce(dl.event_id, wanted[0]),
+                ))
+                if res.rowcount != 1:
+                    raise _AlreadyReplayed
+        except _AlreadyReplayed:
+            return None
+        except (DBAPIError, SQLAlchemyError) as exc:
+            orig = exc.orig if isinstance(exc, DBAPIError) else exc
+            raise StoreUnavailableError(f"replay transaction failed: {type(orig).__name__}") from exc
+        return ReplayWrite(requeued=requeued, accepted=accepted)
+
+    def record_replay_failure(
+        self,
+        dead_letter_id: int,
+        detail: str,
+        *,
+        error_class: str | None = None,
+        reason: str | None = None,
+    ) -> bool:
+        """Record a failed replay attempt: ``replay_count + 1``, outcome ``failed`` and ``detail``.
+
+        With ``error_class``/``reason`` the item failed again for a new reason (a source record
+        that the current mapping still rejects): the dead letter takes the new error and
+        ``attempts + 1`` -- it stays one row, open.
+
+        Returns:
+            Whether the dead letter exists.
+        """
+        now = self._clock()
+        dl = dead_letters.c
+        values: dict[str, Any] = {
+            "replay_count": dl.replay_count + 1, "last_replay_at": now, "last_replay_outcome": "failed",
+            "last_replay_detail": detail[:10000],
+        }
+        if error_class is not None:
+            values.update(error_class=error_class[:255], reason=(reason or error_class)[:10000], attempts=dl.attempts + 1)
+        with _guard("record_replay_failure"), self.engine.begin() as conn:
+            return bool(conn.execute(update(dead_letters).where(dl.id == dead_letter_id).values(**values)).rowcount)
+
     def delete_dead_letters(self, ids: Sequence[int]) -> int:
         """Delete dead letters by id; returns how many existed."""
         if not ids:
             return 0
+        n = 0
         with _guard('delete_dead_letters'), self.engine.begin() as conn:
-            return int(conn.execute(delete(dead_letters).where(dead_letters.c.id.in_(list(ids)))).rowcount or 0)
+            for chunk in _chunks(list(ids), 1000):
+                n += int(conn.execute(delete(dead_letters).where(dead_letters.c.id.in_(list(chunk)))).rowcount or 0)
+        return n
 
     def stats(self) -> dict[str, int]:
         """Counts for progress displays: events by status, scores, dead letters."""

@@ -26,6 +26,7 @@ __all__ = [
     "source_runners",
     "scores",
     "dead_letters",
+    "scoring_attempts",
     "EVENT_PENDING",
     "EVENT_PUBLISHED",
     "DESIRED_RUNNING",
@@ -147,13 +148,25 @@ scores = Table(
     Index(None, "score"),
 )
 
-#: Poison messages and records parked for inspection and replay.
+#: Scoring attempts started for redelivered events and not finished: the gateway's crash-loop
+#: counter (``gateway.store.attempts``). Rows live only while an event is being scored again.
+scoring_attempts = Table(
+    "scoring_attempts",
+    metadata,
+    Column("event_id", String(64), primary_key=True),
+    Column("attempts", Integer, nullable=False, comment="Started attempts that did not finish"),
+    Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+#: Poison messages and records parked for inspection and replay (``gateway.deadletters``). A row
+#: is *open* until a replay succeeds (``replayed_at`` set); ``dedupe_key`` identifies one broker
+#: dead-letter-queue message, so its redelivery never makes a second row.
 dead_letters = Table(
     "dead_letters",
     metadata,
     Column("id", _SEQ, primary_key=True, autoincrement=True),
     Column("event_id", String(64), nullable=True),
-    Column("stage", String(32), nullable=False, comment="source | relay | scoring | ingest"),
+    Column("stage", String(32), nullable=False, comment="source | scoring | bridge | broker | relay | ingest"),
     Column("source_name", String(128), nullable=True),
     Column("error_class", String(255), nullable=False),
     Column("reason", Text, nullable=False),
@@ -161,5 +174,13 @@ dead_letters = Table(
     Column("headers", JSON, nullable=True),
     Column("attempts", Integer, nullable=False, default=1),
     Column("created_at", UTCDateTime(), nullable=False),
+    Column("replayed_at", UTCDateTime(), nullable=True, comment="Last successful replay; null while open"),
+    Column("replay_count", Integer, nullable=False, server_default="0", comment="Replay attempts"),
+    Column("last_replay_at", UTCDateTime(), nullable=True, comment="Time of the last replay attempt"),
+    Column("last_replay_outcome", String(16), nullable=True, comment="requeued | accepted | failed"),
+    Column("last_replay_detail", Text, nullable=True, comment="Event ids replayed, or why the replay failed"),
+    Column("dedupe_key", String(64), nullable=True, comment="Identity of a broker DLQ message (SHA-256)"),
+    UniqueConstraint("dedupe_key"),
     Index(None, "stage", "id"),
+    Index(None, "event_id"),
 )

@@ -24,6 +24,7 @@ from gateway.bus.rabbitmq import RabbitBus
 from gateway.config import BusSettings
 from gateway.errors import ConfigurationError
 from tests.bus_contract import BusContract, drain, make_messages, wait_for
+from tests.rabbit import delete_broker_objects
 
 pytestmark = pytest.mark.integration
 
@@ -56,16 +57,7 @@ def close_connections(prefix: str) -> int:
 def _delete_broker_objects(amqp_url: str, bus_prefix: str) -> Iterator[None]:
     """After the test (and after its buses closed): delete this prefix's queues and exchanges."""
     yield
-    topo = Topology(bus_prefix)
-    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
-    try:
-        ch = conn.channel()
-        for spec in topo.queues():
-            ch.queue_delete(spec.name)
-        for name, _ in topo.exchanges():
-            ch.exchange_delete(name)
-    finally:
-        conn.close()
+    delete_broker_objects(amqp_url, Topology.from_settings(BusSettings(prefix=bus_prefix)))
 
 
 class TestRabbitBusContract(BusContract):
@@ -74,8 +66,9 @@ class TestRabbitBusContract(BusContract):
         self.amqp_url = amqp_url
 
     def make_bus(self, prefix: str, *, delivery_limit: int = 5, max_queue_length: int | None = None) -> Bus:
+        # max_attempts (the gateway's count) must stay below the broker's delivery limit.
         settings = settings_for(self.amqp_url, prefix, delivery_limit=delivery_limit,
-                                max_queue_length=max_queue_length)
+                                max_attempts=min(3, delivery_limit - 1), max_queue_length=max_queue_length)
         return RabbitBus(settings, Topology.from_settings(settings), thread_guard=True)
 
 

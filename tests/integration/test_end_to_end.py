@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -14,10 +14,12 @@ import pika
 import pytest
 from cloudevents.core.formats.json import JSONFormat
 
-from gateway.config import Settings
+from gateway.bus import Topology
+from gateway.config import BusSettings, Settings
 from gateway.runtime import Gateway
 from gateway.store.schema import scores
 from tests.legacy import T0, make_orders, source_settings, touch_orders
+from tests.rabbit import delete_broker_objects
 
 pytestmark = pytest.mark.integration
 
@@ -68,13 +70,7 @@ def _settings(store_url: str, amqp_url: str, prefix: str, legacy_url: str, **sco
 
 
 def _cleanup(amqp_url: str, prefix: str) -> None:
-    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
-    ch = conn.channel()
-    for q in ("scoring", "dead", "test-sink"):
-        ch.queue_delete(f"{prefix}.{q}")
-    for x in ("events", "scored", "dlx"):
-        ch.exchange_delete(f"{prefix}.{x}")
-    conn.close()
+    delete_broker_objects(amqp_url, Topology.from_settings(BusSettings(prefix=prefix)), queues=[f"{prefix}.test-sink"])
 
 
 def _score_rows(gw: Gateway) -> Counter[str]:

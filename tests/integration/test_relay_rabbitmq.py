@@ -11,6 +11,7 @@ from gateway.config import BusSettings, RelaySettings
 from gateway.events import Event, event_id, utcnow
 from gateway.relay import Relay
 from gateway.store import EventStore
+from tests.rabbit import delete_broker_objects
 
 pytestmark = pytest.mark.integration
 
@@ -52,8 +53,5 @@ def test_unroutable_events_stay_pending_then_publish_once_routable(
     finally:
         publisher.close()
         bus.close()
-        for q in ("scoring", "dead"):
-            ch.queue_delete(f"{bus_prefix}.{q}")
-        for x in ("events", "scored", "dlx"):
-            ch.exchange_delete(f"{bus_prefix}.{x}")
         conn.close()
+        delete_broker_objects(amqp_url, topo)

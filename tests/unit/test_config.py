@@ -208,3 +208,13 @@ def test_literal_secrets_finds_every_secret_key_and_accepts_references() -> None
         "other": {"secret": "${S:-fallback}", "password": None},
     }
     assert literal_secrets(raw) == ["sources[0].config.auth.password", "sources[0].config.api_key"]
+
+
+def test_delivery_limit_must_exceed_max_attempts() -> None:
+    from pydantic import ValidationError
+
+    from gateway.config import BusSettings
+
+    assert BusSettings(delivery_limit=4, max_attempts=3).delivery_limit == 4
+    with pytest.raises(ValidationError, match=r"delivery_limit \(3\) must be greater than max_attempts \(3\)"):
+        BusSettings(delivery_limit=3, max_attempts=3)

@@ -8,11 +8,11 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect, select, update
+from sqlalchemy import column, func, insert, inspect, select, table, update
 
 from gateway.store import EventStore, make_engine
 from gateway.store.migrate import alembic_config, current_revision, upgrade
-from gateway.store.schema import metadata, source_cursors
+from gateway.store.schema import dead_letters, metadata, source_cursors
 
 
 @pytest.fixture(
@@ -33,6 +33,11 @@ def _downgrade(engine, revision: str) -> None:  # type: ignore[no-untyped-def]
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
         command.downgrade(cfg, revision)
+
+
+def _dead_letter_count(engine) -> int:  # type: ignore[no-untyped-def]
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(dead_letters)).scalar_one())
 
 
 def _cursor_row(engine, name: str) -> tuple[object, int]:  # type: ignore[no-untyped-def]
@@ -56,7 +61,7 @@ def test_0002_adds_source_status_to_a_0001_store(empty_db_url: str) -> None:
         assert current_revision(engine) == "0002"
         # Existing data is untouched; the new table works.
         assert _cursor_row(engine, "orders") == ({"key": 7}, 0)
-        assert len(store.list_dead_letters()) == 1
+        assert _dead_letter_count(engine) == 1  # (the repository reads columns of later revisions)
         assert store.save_source_status("orders", state="idle", owner="h:1:x", epoch=1)
         row = store.set_source_desired_state("orders", "paused")
         assert row.desired_state == "paused" and row.state == "idle"
@@ -79,7 +84,7 @@ def test_0003_adds_leases_to_a_0002_store(empty_db_url: str) -> None:
             conn.execute(update(source_cursors).where(source_cursors.c.source_name == "orders").values(epoch=3))
         store.save_source_status("orders", state="idle", owner="h:1:x", epoch=3)
 
-        upgrade(engine)
+        upgrade(engine, "0003")
         assert current_revision(engine) == "0003"
         cur = store.get_cursor("orders")
         assert cur is not None and cur.cursor == {"key": 7} and cur.epoch == 3
@@ -89,10 +94,6 @@ def test_0003_adds_leases_to_a_0002_store(empty_db_url: str) -> None:
         store.save_runner("orders", "h:2:y", state="idle", epoch=4)
         assert [r.owner for r in store.list_runners("orders")] == ["h:2:y"]
         assert store.get_source_status("orders").epoch == 3  # type: ignore[union-attr]
-        # The revisions create exactly what schema.py declares.
-        with engine.connect() as conn:
-            diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
-        assert diff == []
         # And it downgrades cleanly, keeping the cursor and its epoch.
         _downgrade(engine, "0002")
         assert current_revision(engine) == "0002"
@@ -103,5 +104,67 @@ def test_0003_adds_leases_to_a_0002_store(empty_db_url: str) -> None:
         assert _cursor_row(engine, "orders") == ({"key": 7}, 4)
         assert store.get_source_status("orders").state == "idle"  # type: ignore[union-attr]
         assert store.get_source_status("orders").updated_at < datetime.now(UTC)  # type: ignore[union-attr]
+    finally:
+        engine.dispose()
+
+
+def test_0004_adds_replay_state_to_a_0003_store(empty_db_url: str) -> None:
+    engine = make_engine(empty_db_url)
+    try:
+        upgrade(engine, "0003")
+        # A dead letter written by the previous version (only the columns it had).
+        old_table = table("dead_letters", *(column(n) for n in (
+            "stage", "error_class", "reason", "payload", "attempts", "event_id", "created_at")))
+        with engine.begin() as conn:
+            conn.execute(insert(old_table).values(
+                stage="scoring", error_class="ContractError", reason="bad", payload="{}", attempts=3,
+                event_id="e-1", created_at=datetime(2026, 1, 1),
+            ))
+
+        upgrade(engine, "0004")
+        assert current_revision(engine) == "0004"
+        store = EventStore(engine)
+        (old,) = store.list_dead_letters()
+        # The old row is open, never replayed; the new columns have their defaults.
+        assert (old.event_id, old.attempts, old.state, old.replay_count, old.replayed_at, old.dedupe_key) == (
+            "e-1", 3, "open", 0, None, None)
+        assert store.list_dead_letters(state="replayed") == []
+        # The broker drain's identity key is unique: the same key gives the same row.
+        first = store.add_dead_letter_once(stage="broker", error_class="rejected", reason="r", payload="{}",
+                                           event_id="e-2", dedupe_key="k" * 64)
+        again = store.add_dead_letter_once(stage="broker", error_class="rejected", reason="r", payload="{}",
+                                           event_id="e-2", dedupe_key="k" * 64)
+        assert first[1] is True and again == (first[0], False)
+        # And it downgrades cleanly, keeping the dead letters.
+        _downgrade(engine, "0003")
+        assert current_revision(engine) == "0003"
+        columns = {c["name"] for c in inspect(engine).get_columns("dead_letters")}
+        assert "replayed_at" not in columns and "dedupe_key" not in columns
+        assert _dead_letter_count(engine) == 2
+        upgrade(engine, "0004")  # and up again
+        assert len(store.list_dead_letters()) == 2
+    finally:
+        engine.dispose()
+
+
+def test_0005_adds_scoring_attempts_and_head_matches_the_schema(empty_db_url: str) -> None:
+    engine = make_engine(empty_db_url)
+    try:
+        upgrade(engine, "0004")
+        upgrade(engine)
+        assert current_revision(engine) == "0005"
+        # The revisions create exactly what schema.py declares.
+        with engine.connect() as conn:
+            diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
+        assert diff == []
+        store = EventStore(engine)
+        assert store.begin_scoring_attempts(["e-1", "e-2"]) == {"e-1": 1, "e-2": 1}
+        assert store.begin_scoring_attempts(["e-1", "e-1"]) == {"e-1": 2}
+        store.end_scoring_attempts(["e-2"])
+        assert store.scoring_attempts(["e-1", "e-2"]) == {"e-1": 2}
+        _downgrade(engine, "0004")
+        assert "scoring_attempts" not in inspect(engine).get_table_names()
+        upgrade(engine)
+        assert store.scoring_attempts(["e-1"]) == {}
     finally:
         engine.dispose()

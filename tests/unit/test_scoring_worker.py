@@ -29,7 +29,8 @@ class Rig:
 
     def __init__(self, prefix: str, store: EventStore, **worker_kw: Any) -> None:
         self.topo = Topology(prefix, delivery_limit=10)
-        self.bus = InMemoryBus(self.topo)
+        self.bus_time = 0.0  # the bus's fake clock: drain() jumps it over retry delays (REL-08)
+        self.bus = InMemoryBus(self.topo, clock=lambda: self.bus_time)
         self.bus.declare_topology()
         self.bus.declare_queue(QueueSpec(TEST_QUEUE, {}, ((self.topo.scored_exchange, "#"),)))
         self.store = store
@@ -51,10 +52,19 @@ class Rig:
         self.bus.publisher().publish(self.topo.events_exchange, [Message(body, key, msg_id, {"origin": "legacy"})])
 
     def drain(self, max_batches: int = 100) -> None:
+        """Process until the scoring queue and the retry levels are empty (retry delays skipped)."""
         for _ in range(max_batches):
-            if self.worker.process_once(max_wait=0.0) == 0:
+            if self.worker.process_once(max_wait=0.0) == 0 and not self.skip_retry_delay():
                 return
         raise AssertionError("worker did not drain the queue")
+
+    def skip_retry_delay(self) -> bool:
+        """Advance the bus clock past the longest retry level's TTL; True if a retry was waiting."""
+        if not any(self.depth(q.name) for q in self.topo.retry_queues()):
+            return False
+        self.bus_time += max(self.topo.retry_ttls_ms) / 1000.0 + 0.001
+        self.bus.expire()
+        return True
 
     def take(self, queue: str) -> list[Delivery]:
         c = self.bus.consumer(queue, prefetch=10_000)
@@ -288,3 +298,115 @@ def test_run_stops_gracefully(rig: Rig) -> None:
     t.join(timeout=5)
     assert not t.is_alive()
     assert rig.worker.scored == 20 and rig.store.count_scores() == 20
+
+
+class CountingScorer:
+    """Scores every event with a new value each call, remembering how often each event was scored."""
+
+    name, version = "counting", "1"
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+
+    def score_batch(self, events: Sequence[Event]) -> list[ScoreResult]:
+        out = []
+        for ev in events:
+            self.calls[ev.id] = self.calls.get(ev.id, 0) + 1
+            out.append(ScoreResult(min(1.0, 0.1 * self.calls[ev.id]), None))
+        return out
+
+
+def test_a_duplicate_first_delivery_republishes_the_committed_score(bus_prefix: str, sqlite_store: EventStore) -> None:
+    # A relay killed between the broker's confirm and marking its rows published sends them again:
+    # the copies are first deliveries (not flagged redelivered), and must not be scored again.
+    scorer = CountingScorer()
+    rig = Rig(bus_prefix, sqlite_store, scorer=scorer)
+    events = make_events(5)
+    rig.send(events)
+    rig.drain()
+    rig.send(events)  # the relay's second copy
+    rig.send(events[:2] + events[:2])  # and duplicates inside one batch
+    rig.drain()
+    assert all(n == 1 for n in scorer.calls.values()) and len(scorer.calls) == 5
+    assert sqlite_store.count_scores() == 5
+    out = rig.take(TEST_QUEUE)
+    assert len(out) == 14
+    by_id: dict[str, set[bytes]] = {}
+    for d in out:
+        by_id.setdefault(d.message_id, set()).add(d.body)
+    assert len(by_id) == 5 and all(len(bodies) == 1 for bodies in by_id.values())  # identical copies
+
+
+def test_a_concurrent_duplicate_publishes_the_score_that_won_the_insert(bus_prefix: str, sqlite_store: EventStore) -> None:
+    scorer = CountingScorer()
+    rig = Rig(bus_prefix, sqlite_store, scorer=scorer)
+    [ev] = make_events(1)
+    real = sqlite_store.get_scores
+
+    def late_lookup(ids: Any, name: str, version: str) -> Any:
+        # The first look-up misses: another worker commits its score meanwhile (here: before ours).
+        sqlite_store.get_scores = real  # type: ignore[method-assign]
+        from gateway.store.repository import ScoreRecord
+
+        sqlite_store.save_scores([ScoreRecord(ev.id, "counting", "1", 0.77, None, ev.type, "orders", ev.time, T0)])
+        return {}
+
+    sqlite_store.get_scores = late_lookup  # type: ignore[method-assign]
+    rig.send([ev])
+    rig.drain()
+    [out] = rig.take(TEST_QUEUE)
+    assert json.loads(out.body)["data"]["score"] == 0.77  # not our own 0.1: every copy is identical
+    assert sqlite_store.count_scores() == 1
+
+
+class Die(BaseException):
+    """Stands for the process dying inside the model (os._exit, a segfault)."""
+
+
+class PoisonScorer(CountingScorer):
+    def __init__(self, poison: str) -> None:
+        super().__init__()
+        self.poison = poison
+        self.batches: list[list[str]] = []
+
+    def score_batch(self, events: Sequence[Event]) -> list[ScoreResult]:
+        self.batches.append([e.id for e in events])
+        if any(e.id == self.poison for e in events):
+            raise Die(self.poison)
+        return super().score_batch(events)
+
+
+def test_a_crash_loop_is_stopped_after_max_attempts_without_taking_the_batch_mates(
+    bus_prefix: str, sqlite_store: EventStore
+) -> None:
+    """REL-07 in one process: each "process" dies on the poison; its replacement is a new worker on
+    a new consumer (the dead one's deliveries come back redelivered)."""
+    topo = Topology(bus_prefix, delivery_limit=10)
+    bus = InMemoryBus(topo)
+    bus.declare_topology()
+    bus.declare_queue(QueueSpec(TEST_QUEUE, {}, ((topo.scored_exchange, "#"),)))
+    events = make_events(8)
+    poison = events[5].id
+    msgs = [Message(e.to_json(), e.type, e.id) for e in events]
+    assert set(bus.publisher().publish(topo.events_exchange, msgs).result()) == {Outcome.ACK}
+    scorer = PoisonScorer(poison)
+    crashes = 0
+    for _run in range(6):
+        consumer = bus.consumer(topo.scoring_queue, prefetch=100)
+        worker = ScoringWorker(consumer, bus.publisher(), sqlite_store, scorer, topo, batch_max=100,
+                               batch_linger_ms=0, max_attempts=3, sleep=lambda _s: None)
+        try:
+            while worker.process_once(max_wait=0.0):
+                pass
+        except Die:
+            crashes += 1
+            consumer.close()  # the process is gone: the broker takes its deliveries back
+            continue
+        break
+    assert crashes == 3  # first delivery, then two recorded started attempts; the fourth is refused
+    assert sqlite_store.count_scores() == 7 and set(scorer.calls) == {e.id for e in events} - {poison}
+    [row] = sqlite_store.list_dead_letters()
+    assert (row.event_id, row.error_class, row.attempts) == (poison, "ScorerCrashLoop", 3)
+    assert sqlite_store.scoring_attempts([e.id for e in events]) == {}  # nothing left behind
+    # After the second crash the batch-mates were scored alone, never again with the poison.
+    assert [b for b in scorer.batches if poison in b][-1] == [poison]

@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway.api.deps import BusDep, MetricsDep, SettingsDep, StoreDep
 from gateway.api.problems import PROBLEM_TYPE_BASE, problem_response, problem_responses, redact
-from gateway.api.schemas import CheckResult, Liveness, Readiness, SourceBreaker, SourceReadiness
+from gateway.api.schemas import BreakerReadiness, CheckResult, Liveness, Readiness, SourceBreaker, SourceReadiness
 from gateway.bus.protocols import Bus
 from gateway.store import EventStore, StoredSourceStatus
 
@@ -100,6 +100,27 @@ async def _bounded_sources(store: EventStore, configured: list[str]) -> dict[str
     return {}
 
 
+def _breakers_detail(request: Request) -> dict[str, BreakerReadiness]:
+    """Every breaker of this process (``app.state.breakers``, a ``BreakerRegistry``), live; empty
+    when the app has none (an API-only process) or a snapshot fails."""
+    registry = getattr(request.app.state, "breakers", None)
+    if registry is None:
+        return {}
+    try:
+        return {
+            name: BreakerReadiness(
+                name=name,
+                state=str(snap["state"]),
+                failure_rate=float(snap["failure_rate"]),  # type: ignore[arg-type]
+                retry_after=float(snap["retry_after"]),  # type: ignore[arg-type]
+            )
+            for name, snap in sorted(registry.snapshot().items())
+        }
+    except Exception as exc:  # noqa: BLE001 -- detail only: never fails the readiness answer
+        log.warning("readyz: breaker snapshot failed (%s)", type(exc).__name__)
+        return {}
+
+
 @router.get(
     "/readyz",
     response_model=Readiness,
@@ -109,8 +130,9 @@ async def _bounded_sources(store: EventStore, configured: list[str]) -> dict[str
 async def readyz(request: Request, store: StoreDep, bus: BusDep, settings: SettingsDep) -> Response:
     """200 when the store answers and the bus (if any) is healthy; else a 503 problem listing checks.
 
-    ``sources`` shows each source's persisted status (state, breaker, last error, drift). It is
-    detail only: a broken legacy endpoint must not take the API out of its load balancer.
+    ``sources`` shows each source's persisted status (state, breaker, last error, drift), and
+    ``breakers`` every circuit breaker of this process, live. Both are detail only: a broken
+    legacy endpoint must not take the API out of its load balancer.
     """
     checks: dict[str, CheckResult] = {"store": await _bounded(_store_check, store)}
     if bus is not None:
@@ -118,8 +140,11 @@ async def readyz(request: Request, store: StoreDep, bus: BusDep, settings: Setti
     sources: dict[str, SourceReadiness] = {}
     if checks["store"].ok:
         sources = await _bounded_sources(store, [s.name for s in settings.sources])
+    breakers = _breakers_detail(request)
     if all(c.ok for c in checks.values()):
-        return JSONResponse(Readiness(status="ready", checks=checks, sources=sources).model_dump(mode="json"))
+        return JSONResponse(
+            Readiness(status="ready", checks=checks, sources=sources, breakers=breakers).model_dump(mode="json")
+        )
     failing = ", ".join(f"{name}: {c.detail}" for name, c in checks.items() if not c.ok)
     return problem_response(
         request,
@@ -130,6 +155,7 @@ async def readyz(request: Request, store: StoreDep, bus: BusDep, settings: Setti
         headers={"Retry-After": "5"},
         checks={name: c.model_dump() for name, c in checks.items()},
         sources={name: v.model_dump(mode="json") for name, v in sources.items()},
+        breakers={name: v.model_dump(mode="json") for name, v in breakers.items()},
     )
 
 
