@@ -155,9 +155,13 @@ class Gateway:
         breaker = self.breakers.get(f"scorer:{model.name}", scorer_breaker_policy(sc.breaker.to_policy()))
         retry = RetrySchedule.from_settings(sc)
         ledger = AttemptLedger()
+        # One consumer (one connection) shared by the workers: its get_batch, ack and reject are
+        # thread-safe. With a consumer per worker, a dying process returned its messages twice:
+        # the broker handed the first connection's unacked messages to the second one of the same
+        # dead process before noticing that one was gone too, raising every delivery count by 2.
+        consumer = self.bus.consumer(self.topology.scoring_queue, self.settings.bus.prefetch)
         self.scorers = []
         for i in range(sc.workers):
-            consumer = self.bus.consumer(self.topology.scoring_queue, self.settings.bus.prefetch)
             worker = ScoringWorker(
                 consumer, publisher, self.store, model, self.topology,
                 batch_max=sc.batch_max, batch_linger_ms=sc.batch_linger_ms,
@@ -166,7 +170,8 @@ class Gateway:
                 prefetch=self.settings.bus.prefetch, ledger=ledger,
             )
             self.scorers.append(worker)
-            self._spawn(f"scorer-{i}", worker.run, consumer.close)
+            self._spawn(f"scorer-{i}", worker.run)
+        self._closers.append(consumer.close)
         self.scorer = self.scorers[0]
         self._closers.append(publisher.close)
 

@@ -159,15 +159,15 @@ class InMemoryBus:
         kind = self._exchanges.get(exchange)
         if kind is None:
             return []
-        out = []
+        out: dict[str, _Queue] = {}  # a queue gets a message once, however many of its bindings match
         for ex, pattern, qname in self._bindings:
-            if ex != exchange:
+            if ex != exchange or qname in out:
                 continue
             if kind == "fanout" or (kind == "topic" and topic_matches(pattern, routing_key)) or (
                 kind == "direct" and pattern == routing_key
             ):
-                out.append(self._queues[qname])
-        return out
+                out[qname] = self._queues[qname]
+        return list(out.values())
 
     def _publish_locked(self, exchange: str, msg: Message, headers: dict[str, Any] | None = None) -> Outcome:
         targets = self._route(exchange, msg.routing_key)
