@@ -404,7 +404,30 @@ class ScoringSettings(_Section):
             "trial. The breaker closes when they stay below the thresholds, else it opens again.",
         )
 
-    model: str = Field("online-anomaly", description="Scorer name (built-in: online-anomaly).")
+    class ModelSettings(_Section):
+        """``scoring.models.<name>``: one named model instance, its scorer kind (plugin) and options."""
+
+        kind: str = Field(
+            ..., min_length=1,
+            description="Scorer kind: the name of a gateway.scorers entry point, e.g. online-anomaly or rules "
+            "(docs/scoring.md, Models, lists the built-in kinds).",
+        )
+        options: dict[str, Any] = Field(
+            default_factory=dict,
+            description="Options of the scorer kind, checked by its factory when the scorer is built (see "
+            "docs/scoring.md, Models).",
+        )
+
+    model: str = Field(
+        "online-anomaly",
+        description="The model that scores: a name in scoring.models, or else a scorer kind used with empty "
+        "options (e.g. online-anomaly).",
+    )
+    models: dict[str, ModelSettings] = Field(
+        default_factory=dict,
+        description="Named model instances, name -> {kind, options}; scoring.model (and later fallbacks and "
+        "shadows) refer to them by name. The name is stored with every score.",
+    )
     batch_max: int = Field(
         500, ge=1, le=10000,
         description="Largest micro-batch. Batches are only this large under backlog; at low rates "
@@ -457,6 +480,16 @@ class ScoringSettings(_Section):
         "take half_open_permits events as trial calls; closed again, the prefetch doubles per good batch up "
         "to bus.prefetch.",
     )
+
+    @field_validator("models")
+    @classmethod
+    def _model_names_valid(cls, value: dict[str, ModelSettings]) -> dict[str, ModelSettings]:
+        bad = [name for name in value if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name)]
+        if bad:
+            raise ValueError(
+                f"model names must be 1-64 letters, digits, '.', '_' or '-' (they name breakers and scores): {bad}"
+            )
+        return value
 
     @model_validator(mode="after")
     def _retry_delays_consistent(self) -> ScoringSettings:

@@ -1,47 +1,46 @@
-"""Scoring: the scorer interface, the built-in online anomaly model and the scoring worker."""
+"""Scoring: the scorer interface, the scorer registry, the built-in models and the scoring worker.
+
+Scorer kinds are ``gateway.scorers`` entry points (built-in: ``online-anomaly``, ``rules``); see
+:mod:`gateway.scoring.registry` and docs/scoring.md, Models.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from gateway.config import ScoringSettings
-from gateway.errors import ConfigurationError
 from gateway.scoring.online import OnlineAnomalyScorer
 from gateway.scoring.protocols import LockedScorer, Scorer, ScoreResult
+from gateway.scoring.registry import (
+    SCORER_GROUP,
+    ScorerFactory,
+    build_scorer,
+    known_scorers,
+    parse_options,
+)
 from gateway.scoring.worker import ScoringWorker
 
 __all__ = [
+    "SCORER_GROUP",
     "LockedScorer",
     "OnlineAnomalyScorer",
     "ScoreResult",
     "Scorer",
+    "ScorerFactory",
     "ScoringWorker",
+    "build_scorer",
     "known_scorers",
+    "parse_options",
     "scorer_from_settings",
 ]
 
 
-def _online(settings: ScoringSettings) -> Scorer:
-    return OnlineAnomalyScorer(warmup=settings.warmup, exclude_fields=settings.exclude_fields)
-
-
-_BUILT_IN: dict[str, Callable[[ScoringSettings], Scorer]] = {"online-anomaly": _online}
-
-
-def known_scorers() -> list[str]:
-    """Names accepted by :func:`scorer_from_settings`."""
-    return sorted(_BUILT_IN)
-
-
 def scorer_from_settings(settings: ScoringSettings) -> Scorer:
-    """The scorer named by ``settings.model``.
+    """The scorer named by ``settings.model``, built through the registry.
+
+    ``settings.model`` is a name in ``settings.models`` or, if it is not there, a scorer kind used
+    with empty options (``online-anomaly`` by default).
 
     Raises:
-        ConfigurationError: the name is unknown; the message lists the known ones.
+        ConfigurationError: unknown name or kind (the message lists the configured models and the
+            installed kinds), a plugin that fails to import, or invalid options.
     """
-    factory = _BUILT_IN.get(settings.model)
-    if factory is None:
-        raise ConfigurationError(
-            f"scoring.model: unknown scorer {settings.model!r} (known: {', '.join(known_scorers())})"
-        )
-    return factory(settings)
+    return build_scorer(settings.model, settings, where="scoring.model")
