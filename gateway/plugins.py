@@ -14,15 +14,33 @@ from importlib.metadata import EntryPoint, entry_points
 from adapters.base import PollingSource
 from gateway.errors import ConfigurationError
 
-__all__ = ["ADAPTER_GROUP", "adapter_names", "load_adapter"]
+__all__ = ["ADAPTER_GROUP", "adapter_names", "discover", "load_adapter"]
 
 ADAPTER_GROUP = "gateway.adapters"
 log = logging.getLogger(__name__)
 
 
+def discover(group: str, builtin_prefix: str, what: str) -> dict[str, EntryPoint]:
+    """The entry points of ``group`` by name (adapters, codecs, scorers share this rule).
+
+    A plugin may not take over a built-in's name (a built-in's entry point value starts with
+    ``builtin_prefix``); between two plugins of one name the first one found wins. Either way a
+    WARNING names both.
+    """
+    found: dict[str, EntryPoint] = {}
+    for ep in entry_points(group=group):
+        prev = found.get(ep.name)
+        if prev is not None and prev.value != ep.value:
+            keep = ep if ep.value.startswith(builtin_prefix) else prev
+            log.warning("%s %r is registered twice (%s, %s); using %s", what, ep.name, prev.value, ep.value, keep.value)
+            ep = keep
+        found[ep.name] = ep
+    return found
+
+
 @lru_cache(maxsize=1)
 def _entry_points() -> dict[str, EntryPoint]:
-    return {ep.name: ep for ep in entry_points(group=ADAPTER_GROUP)}
+    return discover(ADAPTER_GROUP, "adapters.", "adapter")
 
 
 def adapter_names() -> list[str]:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from functools import lru_cache
-from importlib.metadata import EntryPoint, entry_points
+from importlib.metadata import EntryPoint
 from typing import Any
 
 from pydantic import ValidationError
 
 from gateway.codecs.base import Codec, CodecConfig
 from gateway.errors import ConfigurationError
+from gateway.plugins import discover
 
 __all__ = ["CODEC_GROUP", "codec_from_config", "codec_names", "load_codec"]
 
@@ -29,16 +30,7 @@ _broken: set[str] = set()
 
 @lru_cache(maxsize=1)
 def _entry_points() -> dict[str, EntryPoint]:
-    found: dict[str, EntryPoint] = {}
-    for ep in entry_points(group=CODEC_GROUP):
-        prev = found.get(ep.name)
-        if prev is not None and prev.value != ep.value:
-            # A plugin may not take over a built-in's name; between plugins the first one wins.
-            keep = ep if ep.value.startswith(_BUILTIN_PREFIX) else prev
-            log.warning("codec %r is registered twice (%s, %s); using %s", ep.name, prev.value, ep.value, keep.value)
-            ep = keep
-        found[ep.name] = ep
-    return found
+    return discover(CODEC_GROUP, _BUILTIN_PREFIX, "codec")
 
 
 def _clear_cache() -> None:

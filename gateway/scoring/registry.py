@@ -20,13 +20,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from functools import lru_cache
-from importlib.metadata import EntryPoint, entry_points
+from importlib.metadata import EntryPoint
 from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.config import ScoringSettings
 from gateway.errors import ConfigurationError
+from gateway.plugins import discover
 from gateway.scoring.online import OnlineAnomalyScorer
 from gateway.scoring.protocols import Scorer
 
@@ -69,16 +70,7 @@ class ScorerFactory(Protocol):
 
 @lru_cache(maxsize=1)
 def _entry_points() -> dict[str, EntryPoint]:
-    found: dict[str, EntryPoint] = {}
-    for ep in entry_points(group=SCORER_GROUP):
-        prev = found.get(ep.name)
-        if prev is not None and prev.value != ep.value:
-            # A plugin may not take over a built-in's name; between plugins the first one wins.
-            keep = ep if ep.value.startswith(_BUILTIN_PREFIX) else prev
-            log.warning("scorer %r is registered twice (%s, %s); using %s", ep.name, prev.value, ep.value, keep.value)
-            ep = keep
-        found[ep.name] = ep
-    return found
+    return discover(SCORER_GROUP, _BUILTIN_PREFIX, "scorer")
 
 
 def _clear_cache() -> None:

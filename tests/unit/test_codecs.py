@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import gateway.plugins as discovery
 from gateway.codecs import (
     CODEC_GROUP,
     Codec,
@@ -102,14 +103,14 @@ class NotACodec:
 
 @pytest.fixture
 def plugins(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    real = list(registry.entry_points(group=CODEC_GROUP))
+    real = list(discovery.entry_points(group=CODEC_GROUP))
     fakes = [
         EntryPoint("upper", f"{__name__}:UpperCodec", CODEC_GROUP),
         EntryPoint("broken", "tests.unit.no_such_codec_module:Codec", CODEC_GROUP),
         EntryPoint("notacodec", f"{__name__}:NotACodec", CODEC_GROUP),
         EntryPoint("json", f"{__name__}:UpperCodec", CODEC_GROUP),  # may not hijack a built-in
     ]
-    monkeypatch.setattr(registry, "entry_points", lambda group: [*fakes[-1:], *real, *fakes[:-1]])
+    monkeypatch.setattr(discovery, "entry_points", lambda group: [*fakes[-1:], *real, *fakes[:-1]])
     registry._clear_cache()
     yield
     monkeypatch.undo()

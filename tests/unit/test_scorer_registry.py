@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
+import gateway.plugins as discovery
 from gateway.config import ScoringSettings, load_settings
 from gateway.errors import ConfigurationError
 from gateway.events import Event
@@ -58,14 +59,14 @@ def _installed(message: str) -> list[str]:
 
 @pytest.fixture
 def plugins(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    real = list(registry.entry_points(group=SCORER_GROUP))
+    real = list(discovery.entry_points(group=SCORER_GROUP))
     fakes = [
         EntryPoint("constant", f"{__name__}:create_constant", SCORER_GROUP),
         EntryPoint("broken", "tests.unit.no_such_scorer_module:create", SCORER_GROUP),
         EntryPoint("notascorer", f"{__name__}:create_not_a_scorer", SCORER_GROUP),
         EntryPoint("rules", f"{__name__}:create_constant", SCORER_GROUP),  # may not hijack a built-in
     ]
-    monkeypatch.setattr(registry, "entry_points", lambda group: [*fakes[-1:], *real, *fakes[:-1]])
+    monkeypatch.setattr(discovery, "entry_points", lambda group: [*fakes[-1:], *real, *fakes[:-1]])
     registry._clear_cache()
     yield
     monkeypatch.undo()
@@ -74,7 +75,7 @@ def plugins(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 def test_builtins_are_registered_by_entry_points() -> None:
     registry._clear_cache()
-    eps = {ep.name: ep.value for ep in registry.entry_points(group=SCORER_GROUP)}
+    eps = {ep.name: ep.value for ep in discovery.entry_points(group=SCORER_GROUP)}
     assert eps["online-anomaly"] == "gateway.scoring.registry:create_online"
     assert eps["rules"] == "gateway.scoring.rules:create"
     assert {"online-anomaly", "rules"} <= set(known_scorers())
