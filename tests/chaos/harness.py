@@ -299,6 +299,16 @@ class ScoredSink:
         self.seen: Counter[str] = Counter()
         self.by_event: dict[str, list[tuple[str, float, str]]] = {}
 
+    def drain_until(self, events: int, timeout: float = 60.0) -> None:
+        """Consume until ``events`` distinct events were seen (then a short idle drain for copies).
+
+        Scores are committed before their scored events are published, so a settled ledger does
+        not mean the sink has them all yet. Fails naming how many arrived.
+        """
+        wait_for(lambda: self.drain(idle=0.3) >= 0 and len(self.by_event) >= events, timeout,
+                 f"{events} distinct scored events on the scored exchange")
+        self.drain(idle=0.5)
+
     def drain(self, idle: float = 1.0, timeout: float = 120.0) -> int:
         """Consume until the queue stayed empty for ``idle`` s; returns deliveries read."""
         conn = _blocking(self.amqp_url)

@@ -68,7 +68,7 @@ def test_20000_events_through_a_cut_a_kill_and_a_broker_restart_arrive_exactly_o
     elapsed = time.monotonic() - started
     ledger.assert_holds(report, expected=N)
     assert report.score_rows == N and len(report.delivered) == N and not report.dead
-    sink.drain(timeout=180)
+    sink.drain_until(N, timeout=180)
     republished = sink.republished
     print(
         f"ACCEPTANCE: events={N} scored={report.score_rows} distinct={len(report.delivered)} lost={len(report.lost)} "

@@ -160,7 +160,7 @@ def test_sigterm_mid_stream_stops_cleanly_and_a_restart_loses_and_duplicates_not
     report = ledger.wait_settled(n, 90, progress=gw.tail)
     ledger.assert_holds(report, expected=n)
     assert report.score_rows == n and not report.dead
-    sink.drain()
+    sink.drain_until(n)
     assert len(sink.by_event) == n and not sink.inconsistent()
     print(f"graceful stop: SIGTERM at accepted={stopped_at[0]} scored={stopped_at[1]}; exit 0 after {stop_took:.1f}s; "
           f"lease released; restart held the lease after {takeover:.1f}s; all {n} settled")

@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.chaos, pytest.mark.integration]
 
 
 def _assert_sink_consistent(sink: ScoredSink, expected_events: int) -> None:
-    sink.drain()
+    sink.drain_until(expected_events)
     assert len(sink.by_event) == expected_events, (
         f"the scored exchange carried {len(sink.by_event)} distinct events, expected {expected_events}"
     )
