@@ -28,6 +28,8 @@ app.add_typer(db_app, name="db")
 app.add_typer(sources_app, name="sources")
 dead_app = typer.Typer(help="Dead letters: inspect, replay and delete what the gateway parked.", no_args_is_help=True)
 app.add_typer(dead_app, name="dead-letters")
+scoring_app = typer.Typer(help="Scoring: compare a shadow model with the primary.", no_args_is_help=True)
+app.add_typer(scoring_app, name="scoring")
 
 ConfigOpt = Annotated[
     Optional[Path],
@@ -671,6 +673,42 @@ def dead_letters_delete(
         store.engine.dispose()
     log.warning("dead letters deleted by an operator: %s", found)
     typer.echo(f"deleted {n} dead letter(s)" + (f"; not found: {missing}" if missing else ""))
+
+
+@scoring_app.command("compare")
+def scoring_compare(
+    config: ConfigOpt = None,
+    threshold: Annotated[float, typer.Option(min=0.0, max=1.0, help="Decision threshold of the agreement.")] = 0.5,
+    primary: Annotated[Optional[str], typer.Option(help="Primary model name (default: scoring.model).")] = None,
+    shadow: Annotated[Optional[str], typer.Option(help="Shadow model name (default: scoring.shadow.model).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="The report as one JSON object.")] = False,
+) -> None:
+    """Compare the shadow model with the primary on the events both scored (docs/scoring.md, Shadow scoring)."""
+    from gateway.events.jsonsafe import dumps_text
+
+    settings = _settings(config)
+    sc = settings.scoring
+    shadow = shadow or (sc.shadow.model if sc.shadow is not None else None)
+    if not shadow:
+        _fail("no shadow model: set scoring.shadow.model or pass --shadow")
+        return
+    store = _source_store(settings)
+    try:
+        report = store.compare_scores(primary or sc.model, shadow, threshold=threshold)
+    finally:
+        store.engine.dispose()
+    if as_json:
+        typer.echo(dumps_text(report.to_dict()))
+        return
+    typer.echo(f"primary {report.primary}  vs  shadow {report.shadow}: {report.count} events scored by both")
+    if not report.count:
+        return
+    typer.echo(f"agreement at {report.threshold:g}: {report.agreement:.1%}")
+    typer.echo(f"mean absolute difference: {report.mean_abs_diff:.4f}")
+    typer.echo(f"{'BIN':11} {'PRIMARY':>8} {'SHADOW':>8}")
+    for i, (a, b) in enumerate(zip(report.primary_histogram, report.shadow_histogram)):
+        hi = "]" if i == len(report.primary_histogram) - 1 else ")"
+        typer.echo(f"[{i / 10:.1f}, {(i + 1) / 10:.1f}{hi} {a:>8} {b:>8}")
 
 
 def _run_roles(settings: Settings, roles: list[str], metrics_port: int | None = None) -> None:

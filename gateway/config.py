@@ -418,10 +418,35 @@ class ScoringSettings(_Section):
             "docs/scoring.md, Models).",
         )
 
+    class ShadowSettings(_Section):
+        """``scoring.shadow``: a second model scoring a deterministic sample of events, stored, not published."""
+
+        model: str = Field(
+            ..., min_length=1,
+            description="The shadow model: a name in scoring.models, or else a scorer kind used with empty options.",
+        )
+        fraction: float = Field(
+            0.1, ge=0.0, le=1.0, allow_inf_nan=False,
+            description="Share of events (chosen by a hash of the event id, so a redelivery decides the same) "
+            "that the shadow model scores too, after the primary.",
+        )
+
     model: str = Field(
         "online-anomaly",
         description="The model that scores: a name in scoring.models, or else a scorer kind used with empty "
         "options (e.g. online-anomaly).",
+    )
+    fallback: str | None = Field(
+        None, min_length=1,
+        description="Model that scores while the primary model's breaker is open (e.g. a rules model), instead "
+        "of pausing intake; its scores are stored under its own name and the scored events carry the "
+        "extension degraded=true. None: pause intake (backpressure) as without a fallback.",
+    )
+    shadow: ShadowSettings | None = Field(
+        None,
+        description="Shadow scoring: {model, fraction}. The sampled events are scored by the shadow model too "
+        "and its scores stored as ordinary score rows of that model (not published); compare with "
+        "'gateway scoring compare' or GET /v1/scoring/compare.",
     )
     models: dict[str, ModelSettings] = Field(
         default_factory=dict,
@@ -504,6 +529,14 @@ class ScoringSettings(_Section):
         ]
         if problems:
             raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _routes_distinct(self) -> ScoringSettings:
+        if self.fallback is not None and self.fallback == self.model:
+            raise ValueError(f"fallback must name another model than scoring.model ({self.model!r})")
+        if self.shadow is not None and self.shadow.model == self.model:
+            raise ValueError(f"shadow.model must name another model than scoring.model ({self.model!r})")
         return self
 
 

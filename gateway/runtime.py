@@ -146,9 +146,14 @@ class Gateway:
         from gateway.bus.retry import RetrySchedule
         from gateway.scoring import LockedScorer, ScoringWorker, scorer_from_settings
         from gateway.scoring.resilience import AttemptLedger, scorer_breaker_policy
+        from gateway.scoring.routing import build_fallback, build_shadow
 
         sc = self.settings.scoring
         model = LockedScorer(scorer_from_settings(sc))
+        fallback = build_fallback(sc)  # None unless scoring.fallback is set
+        shadow = None
+        if sc.shadow is not None:  # its breaker is in the registry too, so metrics and readiness see it
+            shadow = build_shadow(sc, self.breakers.get(f"shadow:{sc.shadow.model}", scorer_breaker_policy()))
         publisher = self.bus.publisher()  # thread-safe; shared by the workers
         # One breaker for the model (in the registry, so metrics and readiness see it), one
         # schedule and one attempt ledger, shared by this process's workers.
@@ -167,7 +172,7 @@ class Gateway:
                 batch_max=sc.batch_max, batch_linger_ms=sc.batch_linger_ms,
                 max_attempts=self.settings.bus.max_attempts, publish_timeout=self.settings.bus.publish_timeout,
                 retry=retry, breaker=breaker, score_timeout=sc.score_timeout,
-                prefetch=self.settings.bus.prefetch, ledger=ledger,
+                prefetch=self.settings.bus.prefetch, ledger=ledger, fallback=fallback, shadow=shadow,
             )
             self.scorers.append(worker)
             self._spawn(f"scorer-{i}", worker.run)

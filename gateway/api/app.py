@@ -11,7 +11,7 @@ from gateway import __version__
 from gateway.api.deps import ApiMetrics
 from gateway.api.limits import BacklogGuard, BodySizeLimitMiddleware
 from gateway.api.problems import install_problem_handlers
-from gateway.api.routers import dead_letters, events, health
+from gateway.api.routers import dead_letters, events, health, scoring
 from gateway.bus.protocols import Bus
 from gateway.config import Settings
 from gateway.store import EventStore
@@ -70,5 +70,6 @@ def create_app(
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.api.max_body_bytes)
     app.include_router(events.router, prefix="/v1")
     app.include_router(dead_letters.router, prefix="/v1")
+    app.include_router(scoring.router, prefix="/v1")
     app.include_router(health.router)
     return app

@@ -47,11 +47,20 @@ One micro-batch goes through these steps, in this order (REL-06, REL-07, REL-08)
 
 Nothing is acked before its score is committed and its scored event confirmed, or before its
 retry copy is confirmed.
+
+Optional routes (:mod:`gateway.scoring.routing`, docs/scoring.md): with a **fallback** model, an
+open breaker does not pause intake -- the batch is scored by the fallback, stored under its name
+and published with the extension ``degraded=true`` (events the breaker refuses in a half-open
+trial too); if the fallback raises, those events are handed back and intake pauses as without one.
+With a **shadow** model, after the batch was acked, a deterministic sample of the events the
+primary scored is scored by the shadow too and stored (never published); its failures are
+logged and counted only.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import math
 import random
@@ -77,6 +86,7 @@ from gateway.resilience.breaker import BreakerState, CircuitBreaker
 from gateway.resilience.crashpoints import armed, crash_point
 from gateway.scoring.protocols import Scorer, ScoreResult
 from gateway.scoring.resilience import AttemptLedger, ScorerCrashLoop, TimedCaller, scorer_breaker_policy
+from gateway.scoring.routing import SCORER_DEGRADED_EXTENSION, Shadow, in_sample
 from gateway.store.repository import EventStore, ScoreRecord
 
 __all__ = ["STAGE", "AttemptLedger", "ScoringWorker", "scorer_breaker_policy"]  # the last two re-exported
@@ -128,6 +138,9 @@ class ScoringWorker:
         prefetch: the consumer's configured prefetch, restored step by step after the breaker
             closed again.
         ledger: attempt bookkeeping shared by the workers of a process (default: this worker's).
+        fallback: the model that scores while the breaker is open, instead of pausing intake
+            (``None``: pause). Thread-safe, local and cheap: called without breaker or timeout.
+        shadow: the shadow route (model, sample fraction, its breaker), or ``None``.
 
     Attributes:
         breaker: the model's circuit breaker (metrics and readiness read its snapshot).
@@ -140,6 +153,10 @@ class ScoringWorker:
         requeued: deliveries rejected with requeue.
         batches: non-empty batches processed.
         scorer_failures, store_failures, publish_failures: failures seen, per kind.
+        fallback_scored: events whose fallback score was committed (and handed on to be published).
+        fallback_failures: fallback calls that raised (their events were handed back, intake paused).
+        shadow_scored, shadow_failures, shadow_skipped: shadow scores stored; shadow calls or
+            commits that failed; sampled events skipped because the shadow's breaker was open.
     """
 
     def __init__(
@@ -164,6 +181,8 @@ class ScoringWorker:
         score_timeout: float | None = 30.0,
         prefetch: int = 1000,
         ledger: AttemptLedger | None = None,
+        fallback: Scorer | None = None,
+        shadow: Shadow | None = None,
     ) -> None:
         if batch_max < 1 or max_attempts < 1 or publish_timeout <= 0 or prefetch < 1:
             raise ValueError("batch_max, max_attempts and prefetch must be >= 1 and publish_timeout > 0")
@@ -188,6 +207,14 @@ class ScoringWorker:
         self._rng = rng
         self._call = TimedCaller(score_timeout, f"scorer-call-{scorer.name}")
         self._ledger = ledger if ledger is not None else AttemptLedger()
+        self.fallback = fallback
+        self.shadow = shadow
+        self._shadow_call = (
+            TimedCaller(score_timeout, f"shadow-call-{shadow.scorer.name}") if shadow is not None else None
+        )
+        self._degraded = False  # the breaker is open and the fallback scores this batch
+        self._fallback_down = False  # the fallback raised during this open period: pause as without one
+        self._route: dict[str, Scorer] = {}  # event id -> model other than the primary, this batch
         self._stop: threading.Event | None = None
         self._streak = 0  # consecutive batches with an outage (drives the backoff)
         self._settled: set[int] = set()
@@ -214,6 +241,11 @@ class ScoringWorker:
         self.scorer_failures = 0
         self.store_failures = 0
         self.publish_failures = 0
+        self.fallback_scored = 0
+        self.fallback_failures = 0
+        self.shadow_scored = 0
+        self.shadow_failures = 0
+        self.shadow_skipped = 0
 
     # ------------------------------------------------------------------ loop
     def run(self, stop: threading.Event) -> None:
@@ -241,6 +273,8 @@ class ScoringWorker:
     def close(self) -> None:
         """Release the model-call thread (:meth:`run` does it on the way out). Idempotent."""
         self._call.close()
+        if self._shadow_call is not None:
+            self._shadow_call.close()
 
     def process_once(self, max_wait: float) -> int:
         """Fetch and fully handle one micro-batch, unless the model's breaker is open.
@@ -260,6 +294,7 @@ class ScoringWorker:
         self.batches += 1
         self.redelivered += sum(1 for d in batch if d.redelivered or d.delivery_count > 0)
         self._settled = set()
+        self._route = {}
         failures = self.scorer_failures
         try:
             self._handle(batch)
@@ -280,8 +315,20 @@ class ScoringWorker:
         snap = self.breaker.snapshot()
         state = BreakerState(snap["state"])
         was_trial, self._trial = self._trial, state is BreakerState.HALF_OPEN
+        was_degraded, self._degraded = self._degraded, False
+        if state is not BreakerState.OPEN:
+            self._fallback_down = False  # a new open period gives the fallback a new chance
         if state is BreakerState.OPEN:
             self._retry_after = float(snap["retry_after"])
+            if self.fallback is not None and not self._fallback_down and not self._paused:
+                # Degradation: keep taking deliveries, the fallback scores them (no event waits).
+                self._degraded = True
+                if not was_degraded:
+                    log.warning(
+                        "model breaker %r open: scoring with the fallback model %r (trial in %.1f s)",
+                        self.breaker.name, self.fallback.name, self._retry_after,
+                    )
+                return min(self.batch_max, self._batch_now)
             if not self._paused:
                 self.consumer.pause()
                 self._paused = True
@@ -347,8 +394,8 @@ class ScoringWorker:
             records = [
                 ScoreRecord(
                     event_id=ev.id,
-                    model_name=self.scorer.name,
-                    model_version=self.scorer.version,
+                    model_name=self._model_of(ev.id).name,
+                    model_version=self._model_of(ev.id).version,
                     score=res.score,
                     explanation=res.explanation,
                     event_type=ev.type,
@@ -375,6 +422,7 @@ class ScoringWorker:
                     for d, ev, res in fresh
                 ]
                 first_scored_at.update({k: v.scored_at for k, v in stored.items()})
+            self.fallback_scored += sum(1 for _, ev, _ in fresh if ev.id in self._route)
         ready = done + fresh
         clean = self._publish_and_ack(ready, now, first_scored_at)
         if untried:
@@ -383,6 +431,8 @@ class ScoringWorker:
             clean = self._retry_or_dead_letter(failed, now) and clean
         if clean:
             self._streak = 0
+        if self.shadow is not None and fresh:  # last: every delivery of the batch is settled already
+            self._score_shadow([ev for _, ev, _ in fresh if ev.id not in self._route], now)
 
     def _score_isolating_suspects(
         self, todo: list[tuple[Delivery, Event]]
@@ -469,12 +519,14 @@ class ScoringWorker:
             return [], [], []
         if armed("scoring.before_score"):  # chaos tests only: a model that kills its process (REL-07)
             crash_point("scoring.before_score", [ev.id for _, ev in items])
+        if self._degraded:
+            return self._refused([], [], items)
         if not self._trial or len(items) == 1:
             try:
                 results = self._call_model([ev for _, ev in items])
                 return [(d, ev, r) for (d, ev), r in zip(items, results)], [], []
             except CircuitOpenError:
-                return [], [], list(items)
+                return self._refused([], [], items)
             except Exception as exc:
                 if len(items) == 1:
                     return [], [(items[0][0], items[0][1], exc)], []
@@ -485,10 +537,33 @@ class ScoringWorker:
             try:
                 ok.append((d, ev, self._call_model([ev])[0]))
             except CircuitOpenError:
-                return ok, bad, list(items[i:])
+                return self._refused(ok, bad, items[i:])
             except Exception as exc:
                 bad.append((d, ev, exc))
         return ok, bad, []
+
+    def _refused(
+        self,
+        ok: list[tuple[Delivery, Event, ScoreResult]],
+        bad: list[tuple[Delivery, Event, Exception]],
+        rest: Sequence[tuple[Delivery, Event]],
+    ) -> tuple[
+        list[tuple[Delivery, Event, ScoreResult]], list[tuple[Delivery, Event, Exception]], list[tuple[Delivery, Event]]
+    ]:
+        """Events the breaker kept from the primary: scored by the fallback, else untried (handed back)."""
+        if self.fallback is None or self._fallback_down or not rest:
+            return ok, bad, list(rest)
+        try:
+            results = self._checked(self.fallback.score_batch([ev for _, ev in rest]), len(rest))
+        except Exception as exc:  # the fallback fails too: hand back and pause, as without one
+            self.fallback_failures += 1
+            self._fallback_down = True
+            log.warning("fallback model %r failed on %d events (%s: %s); handing them back, intake pauses",
+                        self.fallback.name, len(rest), type(exc).__name__, exc)
+            return ok, bad, list(rest)
+        for _, ev in rest:
+            self._route[ev.id] = self.fallback
+        return ok + [(d, ev, r) for (d, ev), r in zip(rest, results)], bad, []
 
     def _call_model(self, events: list[Event]) -> list[ScoreResult]:
         """One model call as ``Breaker(Timeout(call))``; the answer is validated inside."""
@@ -520,15 +595,18 @@ class ScoringWorker:
             return True
         messages = []
         for d, ev, res in ready:
+            model = self._model_of(ev.id)
             se = scored_event(
                 ev,
                 score=res.score,
-                model_name=self.scorer.name,
-                model_version=self.scorer.version,
+                model_name=model.name,
+                model_version=model.version,
                 explanation=res.explanation,
                 scored_at=scored_at.get(ev.id, now),
                 original_json=d.body,
             )
+            if model is not self.scorer:  # the fallback's score: say so (docs/scoring.md, Degradation)
+                se = dataclasses.replace(se, extensions={**se.extensions, SCORER_DEGRADED_EXTENSION: True})
             messages.append(Message(body=se.to_json(), routing_key=ev.type, message_id=se.id))
         outcomes = self._confirmed(self.topology.scored_exchange, messages, "scored events")
         acked = [(d, ev) for (d, ev, _), o in zip(ready, outcomes) if o in _DONE]
@@ -684,12 +762,58 @@ class ScoringWorker:
         self.dead_lettered += 1
 
     def _committed_scores(self, event_ids: list[str]) -> dict[str, ScoreRecord]:
-        """Scores of this model version already committed for ``event_ids``."""
+        """Scores of this model version already committed for ``event_ids``.
+
+        With a fallback, the ids the primary has no score for are looked up under the fallback
+        too (a second query), so a redelivery of a degraded event republishes that score.
+        """
         try:
-            return self.store.get_scores(event_ids, self.scorer.name, self.scorer.version)
+            found = self.store.get_scores(event_ids, self.scorer.name, self.scorer.version)
+            for event_id in found:
+                self._route.pop(event_id, None)
+            missing = [i for i in event_ids if i not in found]
+            if self.fallback is not None and missing:
+                extra = self.store.get_scores(missing, self.fallback.name, self.fallback.version)
+                for event_id in extra:
+                    self._route[event_id] = self.fallback
+                found = {**found, **extra}
+            return found
         except StoreUnavailableError as exc:
             log.warning("reading committed scores failed: %s", exc)
             raise _StoreDown from exc
+
+    def _model_of(self, event_id: str) -> Scorer:
+        """The model whose score ``event_id`` has in this batch (the primary unless routed)."""
+        return self._route.get(event_id, self.scorer)
+
+    def _score_shadow(self, events: list[Event], now: datetime) -> None:
+        """Score the sampled ``events`` with the shadow model and store them; never raises."""
+        sh = self.shadow
+        if sh is None or self._shadow_call is None:
+            return
+        sample = [ev for ev in events if in_sample(ev.id, sh.fraction)]
+        if not sample:
+            return
+        try:
+            with sh.breaker.calling():
+                results = self._checked(self._shadow_call(sh.scorer.score_batch, sample), len(sample))
+            records = [
+                ScoreRecord(
+                    event_id=ev.id, model_name=sh.scorer.name, model_version=sh.scorer.version, score=r.score,
+                    explanation=r.explanation, event_type=ev.type, source_name=ev.source_name or ev.source,
+                    event_time=ev.time, scored_at=now,
+                )
+                for ev, r in zip(sample, results)
+            ]
+            self.store.save_scores(records)
+        except CircuitOpenError:
+            self.shadow_skipped += len(sample)
+        except Exception as exc:  # the shadow never affects the primary path
+            self.shadow_failures += 1
+            log.warning("shadow model %r failed on %d events (%s: %s); not stored",
+                        sh.scorer.name, len(sample), type(exc).__name__, exc)
+        else:
+            self.shadow_scored += len(records)
 
     def _reject(self, d: Delivery, *, requeue: bool) -> None:
         self.consumer.reject(d, requeue=requeue)

@@ -35,6 +35,7 @@ from gateway.store._sql import guard as _guard
 from gateway.store._sql import insert_ignore as _insert_ignore
 from gateway.store.attempts import ScoringAttemptRepository
 from gateway.store.leases import LeaseRepository
+from gateway.store.shadow import ShadowRepository
 from gateway.store.schema import (
     EVENT_PENDING,
     EVENT_PUBLISHED,
@@ -235,10 +236,11 @@ def _outbox_rows(batch: Iterable[Event], source_name: str | None, now: datetime)
         })
     return rows
 
-class EventStore(SourceStatusRepository, LeaseRepository, ScoringAttemptRepository):
+class EventStore(SourceStatusRepository, LeaseRepository, ScoringAttemptRepository, ShadowRepository):
     """Repository over the gateway store (source status methods: :class:`SourceStatusRepository`;
     source leases: :class:`~gateway.store.leases.LeaseRepository`; scoring attempts:
-    :class:`~gateway.store.attempts.ScoringAttemptRepository`).
+    :class:`~gateway.store.attempts.ScoringAttemptRepository`; the shadow comparison:
+    :class:`~gateway.store.shadow.ShadowRepository`).
 
     Args:
         engine: SQLAlchemy engine of the store (migrated to head).
