@@ -12,15 +12,16 @@ breaker and budget it creates, so everything created through a registry is obser
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 if TYPE_CHECKING:
     from gateway.resilience.breaker import BreakerState, CircuitBreaker
     from gateway.resilience.budget import BudgetEvent, RetryBudget
 
-__all__ = ["BREAKER_STATE_VALUES", "ResilienceMetrics", "serve_metrics"]
+__all__ = ["BREAKER_STATE_VALUES", "ResilienceMetrics", "ScoringMetrics", "serve_metrics"]
 
 #: ``gateway_breaker_state`` values.
 BREAKER_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
@@ -87,6 +88,53 @@ class ResilienceMetrics:
 
     def _on_budget(self, name: str, event: BudgetEvent) -> None:
         (self.retries if event == "retry" else self.budget_exhausted).labels(name).inc()
+
+
+class ScoringMetrics:
+    """Metrics of the scoring workers of a process: model calls, scores and what became of events.
+
+    * ``gateway_scoring_batch_size{model}`` -- events per model call (histogram);
+    * ``gateway_scoring_call_seconds{model}`` -- latency of a model call (histogram);
+    * ``gateway_scoring_score{model}`` -- the scores given (histogram, 0.1 wide buckets);
+    * ``gateway_scoring_events_total{outcome}`` -- ``scored`` (committed, published, acked),
+      ``fallback`` (of those, scored by the fallback model), ``retried`` (sent to a delay level),
+      ``dead_lettered``, ``shadow`` (shadow scores stored). The fallback rate is
+      ``rate(..{outcome="fallback"}) / rate(..{outcome="scored"})``.
+
+    Args:
+        registry: where to register (once per registry).
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.batch_size = Histogram(
+            "gateway_scoring_batch_size", "Events per model call.", ["model"], registry=registry,
+            buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000),
+        )
+        self.call_seconds = Histogram(
+            "gateway_scoring_call_seconds", "Latency of one model call (a micro-batch), in seconds.", ["model"],
+            registry=registry, buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.scores = Histogram(
+            "gateway_scoring_score", "Scores given, by model.", ["model"], registry=registry,
+            buckets=tuple(round(0.1 * i, 1) for i in range(1, 11)),
+        )
+        self.events = Counter(
+            "gateway_scoring_events", "Scoring outcomes of events: scored, fallback, retried, dead_lettered, shadow.",
+            ["outcome"], registry=registry,
+        )
+
+    def model_call(self, model: str, size: int, seconds: float, scores: Sequence[float]) -> None:
+        """Record one successful model call of ``size`` events."""
+        self.batch_size.labels(model).observe(size)
+        self.call_seconds.labels(model).observe(seconds)
+        hist = self.scores.labels(model)
+        for score in scores:
+            hist.observe(score)
+
+    def outcome(self, outcome: str, n: int = 1) -> None:
+        """Count ``n`` events with ``outcome``."""
+        if n:
+            self.events.labels(outcome).inc(n)
 
 
 def serve_metrics(port: int, registry: CollectorRegistry, addr: str = "0.0.0.0") -> object:  # noqa: S104

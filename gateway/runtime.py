@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.bus import Bus, Topology, bus_from_settings
 from gateway.config import Settings
-from gateway.metrics import ResilienceMetrics, serve_metrics
+from gateway.metrics import ResilienceMetrics, ScoringMetrics, serve_metrics
 from gateway.relay import Relay
 from gateway.resilience import (
     BreakerRegistry,
@@ -165,6 +165,7 @@ class Gateway:
         # the broker handed the first connection's unacked messages to the second one of the same
         # dead process before noticing that one was gone too, raising every delivery count by 2.
         consumer = self.bus.consumer(self.topology.scoring_queue, self.settings.bus.prefetch)
+        scoring_metrics = ScoringMetrics(self.metrics_registry)  # shared by the workers
         self.scorers = []
         for i in range(sc.workers):
             worker = ScoringWorker(
@@ -173,6 +174,7 @@ class Gateway:
                 max_attempts=self.settings.bus.max_attempts, publish_timeout=self.settings.bus.publish_timeout,
                 retry=retry, breaker=breaker, score_timeout=sc.score_timeout,
                 prefetch=self.settings.bus.prefetch, ledger=ledger, fallback=fallback, shadow=shadow,
+                metrics=scoring_metrics,
             )
             self.scorers.append(worker)
             self._spawn(f"scorer-{i}", worker.run)

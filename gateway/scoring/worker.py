@@ -84,6 +84,7 @@ from gateway.events.jsonsafe import dumps
 from gateway.events.scored import scored_event
 from gateway.resilience.breaker import BreakerState, CircuitBreaker
 from gateway.resilience.crashpoints import armed, crash_point
+from gateway.metrics import ScoringMetrics
 from gateway.scoring.protocols import Scorer, ScoreResult
 from gateway.scoring.resilience import AttemptLedger, ScorerCrashLoop, TimedCaller, scorer_breaker_policy
 from gateway.scoring.routing import SCORER_DEGRADED_EXTENSION, Shadow, in_sample
@@ -183,6 +184,7 @@ class ScoringWorker:
         ledger: AttemptLedger | None = None,
         fallback: Scorer | None = None,
         shadow: Shadow | None = None,
+        metrics: ScoringMetrics | None = None,
     ) -> None:
         if batch_max < 1 or max_attempts < 1 or publish_timeout <= 0 or prefetch < 1:
             raise ValueError("batch_max, max_attempts and prefetch must be >= 1 and publish_timeout > 0")
@@ -209,6 +211,7 @@ class ScoringWorker:
         self._ledger = ledger if ledger is not None else AttemptLedger()
         self.fallback = fallback
         self.shadow = shadow
+        self.metrics = metrics
         self._shadow_call = (
             TimedCaller(score_timeout, f"shadow-call-{shadow.scorer.name}") if shadow is not None else None
         )
@@ -423,6 +426,8 @@ class ScoringWorker:
                 ]
                 first_scored_at.update({k: v.scored_at for k, v in stored.items()})
             self.fallback_scored += sum(1 for _, ev, _ in fresh if ev.id in self._route)
+            if self.metrics is not None:
+                self.metrics.outcome("fallback", sum(1 for _, ev, _ in fresh if ev.id in self._route))
         ready = done + fresh
         clean = self._publish_and_ack(ready, now, first_scored_at)
         if untried:
@@ -554,7 +559,9 @@ class ScoringWorker:
         if self.fallback is None or self._fallback_down or not rest:
             return ok, bad, list(rest)
         try:
+            started = time.monotonic()
             results = self._checked(self.fallback.score_batch([ev for _, ev in rest]), len(rest))
+            self._observe(self.fallback.name, len(rest), started, results)
         except Exception as exc:  # the fallback fails too: hand back and pause, as without one
             self.fallback_failures += 1
             self._fallback_down = True
@@ -567,8 +574,15 @@ class ScoringWorker:
 
     def _call_model(self, events: list[Event]) -> list[ScoreResult]:
         """One model call as ``Breaker(Timeout(call))``; the answer is validated inside."""
+        started = time.monotonic()
         with self.breaker.calling():
-            return self._checked(self._call(self.scorer.score_batch, events), len(events))
+            results = self._checked(self._call(self.scorer.score_batch, events), len(events))
+        self._observe(self.scorer.name, len(events), started, results)
+        return results
+
+    def _observe(self, model: str, size: int, started: float, results: Sequence[ScoreResult]) -> None:
+        if self.metrics is not None:
+            self.metrics.model_call(model, size, time.monotonic() - started, [r.score for r in results])
 
     @staticmethod
     def _checked(results: Sequence[ScoreResult], expected: int) -> list[ScoreResult]:
@@ -617,6 +631,8 @@ class ScoringWorker:
             self.consumer.ack([d for d, _ in acked])
             self._settled.update(id(d) for d, _ in acked)
             self.scored += len(acked)
+            if self.metrics is not None:
+                self.metrics.outcome("scored", len(acked))
             for d, ev in acked:
                 self._ledger.forget(self._key(d, ev))
         if failed:
@@ -703,6 +719,8 @@ class ScoringWorker:
             self.consumer.ack([d for d, _ in confirmed])
             self._settled.update(id(d) for d, _ in confirmed)
             self.retried += len(confirmed)
+            if self.metrics is not None:
+                self.metrics.outcome("retried", len(confirmed))
             for d, ev in confirmed:
                 self._ledger.forget(self._key(d, ev))  # the copy carries the count (x-gw-attempts)
         for (d, ev, attempt, m), o in zip(retries, outcomes):
@@ -760,6 +778,8 @@ class ScoringWorker:
         log.warning("dead-lettered delivery %s: %s", d.message_id or "<no id>", reason)
         self._reject(d, requeue=False)
         self.dead_lettered += 1
+        if self.metrics is not None:
+            self.metrics.outcome("dead_lettered")
 
     def _committed_scores(self, event_ids: list[str]) -> dict[str, ScoreRecord]:
         """Scores of this model version already committed for ``event_ids``.
@@ -814,6 +834,8 @@ class ScoringWorker:
                         sh.scorer.name, len(sample), type(exc).__name__, exc)
         else:
             self.shadow_scored += len(records)
+            if self.metrics is not None:
+                self.metrics.outcome("shadow", len(records))
 
     def _reject(self, d: Delivery, *, requeue: bool) -> None:
         self.consumer.reject(d, requeue=requeue)

@@ -410,3 +410,26 @@ def test_a_crash_loop_is_stopped_after_max_attempts_without_taking_the_batch_mat
     assert sqlite_store.scoring_attempts([e.id for e in events]) == {}  # nothing left behind
     # After the second crash the batch-mates were scored alone, never again with the poison.
     assert [b for b in scorer.batches if poison in b][-1] == [poison]
+
+
+def test_scoring_metrics_record_calls_scores_and_outcomes(bus_prefix: str, sqlite_store: EventStore) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from gateway.metrics import ScoringMetrics
+
+    registry = CollectorRegistry()
+    rig = Rig(bus_prefix, sqlite_store, metrics=ScoringMetrics(registry), scorer=FailingScorer({"evt-2"}))
+    rig.send(make_events(5))
+    rig.drain()
+
+    def value(name: str, **labels: str) -> float:
+        got = registry.get_sample_value(name, labels)
+        return 0.0 if got is None else got
+
+    assert value("gateway_scoring_events_total", outcome="scored") == 4
+    assert value("gateway_scoring_events_total", outcome="retried") == 2  # evt-2: attempts 1 and 2
+    assert value("gateway_scoring_events_total", outcome="dead_lettered") == 1  # then attempt 3
+    # Calls that answered: the batch of 5 failed (not observed), then one by one.
+    assert value("gateway_scoring_batch_size_count", model="failing") == value("gateway_scoring_call_seconds_count", model="failing")
+    assert value("gateway_scoring_score_count", model="failing") == 4
+    assert value("gateway_scoring_score_bucket", model="failing", le="1.0") == 4
