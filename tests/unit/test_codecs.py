@@ -17,7 +17,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import gateway.plugins as discovery
 from gateway.codecs import (
     CODEC_GROUP,
     Codec,
@@ -37,6 +36,7 @@ from gateway.codecs.fixed_codec import FixedWidthCodec
 from gateway.codecs.json_codec import JsonCodec
 from gateway.codecs.xml_codec import XmlCodec
 from gateway.errors import ConfigurationError, GatewayError, PermanentError
+from tests.plugins import install_fake_plugins
 
 MARKER = "PAYLOAD-MARKER-b81e"
 
@@ -103,18 +103,15 @@ class NotACodec:
 
 @pytest.fixture
 def plugins(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    real = list(discovery.entry_points(group=CODEC_GROUP))
     fakes = [
         EntryPoint("upper", f"{__name__}:UpperCodec", CODEC_GROUP),
         EntryPoint("broken", "tests.unit.no_such_codec_module:Codec", CODEC_GROUP),
         EntryPoint("notacodec", f"{__name__}:NotACodec", CODEC_GROUP),
+    ]
+    hijackers = [
         EntryPoint("json", f"{__name__}:UpperCodec", CODEC_GROUP),  # may not hijack a built-in
     ]
-    monkeypatch.setattr(discovery, "entry_points", lambda group: [*fakes[-1:], *real, *fakes[:-1]])
-    registry._clear_cache()
-    yield
-    monkeypatch.undo()
-    registry._clear_cache()
+    yield from install_fake_plugins(monkeypatch, CODEC_GROUP, fakes, hijackers, registry._clear_cache)
 
 
 def test_builtins_are_registered_by_entry_points() -> None:

@@ -26,6 +26,7 @@ from gateway.scoring import (
     scorer_from_settings,
 )
 from gateway.scoring.rules import RulesScorer
+from tests.plugins import install_fake_plugins
 from tests.unit.test_scoring_worker import make_events
 
 
@@ -59,18 +60,15 @@ def _installed(message: str) -> list[str]:
 
 @pytest.fixture
 def plugins(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    real = list(discovery.entry_points(group=SCORER_GROUP))
     fakes = [
         EntryPoint("constant", f"{__name__}:create_constant", SCORER_GROUP),
         EntryPoint("broken", "tests.unit.no_such_scorer_module:create", SCORER_GROUP),
         EntryPoint("notascorer", f"{__name__}:create_not_a_scorer", SCORER_GROUP),
+    ]
+    hijackers = [
         EntryPoint("rules", f"{__name__}:create_constant", SCORER_GROUP),  # may not hijack a built-in
     ]
-    monkeypatch.setattr(discovery, "entry_points", lambda group: [*fakes[-1:], *real, *fakes[:-1]])
-    registry._clear_cache()
-    yield
-    monkeypatch.undo()
-    registry._clear_cache()
+    yield from install_fake_plugins(monkeypatch, SCORER_GROUP, fakes, hijackers, registry._clear_cache)
 
 
 def test_builtins_are_registered_by_entry_points() -> None:
