@@ -711,13 +711,15 @@ def scoring_compare(
         typer.echo(f"[{i / 10:.1f}, {(i + 1) / 10:.1f}{hi} {a:>8} {b:>8}")
 
 
-def _run_roles(settings: Settings, roles: list[str], metrics_port: int | None = None) -> None:
+def _run_roles(
+    settings: Settings, roles: list[str], metrics_port: int | None = None, scoring_routes: list[str | None] | None = None
+) -> None:
     from gateway.runtime import Gateway
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    gw = Gateway(settings, roles=roles)
+    gw = Gateway(settings, roles=roles, scoring_routes=scoring_routes)
     try:
         gw.start()
     except GatewayError as exc:
@@ -750,15 +752,30 @@ def worker(
     role: Annotated[str, typer.Option("--role", help="sources | relay | scorer | bridge")],
     config: ConfigOpt = None,
     log_level: LogOpt = "info",
+    route: Annotated[Optional[list[str]], typer.Option(
+        "--route",
+        help="Scorer role only: serve just this scoring route (repeatable; 'default' is the default route). "
+        "Default: every route.",
+    )] = None,
 ) -> None:
-    """Run one worker role alone (scale each role separately)."""
+    """Run one worker role alone (scale each role separately; scorers also per scoring route)."""
     if role not in ("sources", "relay", "scorer", "bridge"):
         _fail(f"--role: expected one of sources, relay, scorer, bridge; got {role!r}")
     _setup_logging(log_level)
     settings = _settings(config)
     if settings.bus.url is None:
         _fail("worker roles in separate processes need RabbitMQ: set bus.url (GATEWAY_BUS__URL)")
-    _run_roles(settings, [role], metrics_port=settings.resilience.metrics_port)  # no API here: own /metrics
+    routes: list[str | None] | None = None
+    if route:
+        if role != "scorer":
+            _fail(f"--route applies to --role scorer only, not {role!r}")
+        known = {r or "default": r for r in settings.scoring.route_names()}
+        bad = [r for r in route if r not in known]
+        if bad:
+            _fail(f"--route: unknown scoring route(s) {bad}; configured: {sorted(known)}")
+        routes = [known[r] for r in route]
+    # No API here: own /metrics.
+    _run_roles(settings, [role], metrics_port=settings.resilience.metrics_port, scoring_routes=routes)
 
 
 @app.command()

@@ -431,6 +431,40 @@ class ScoringSettings(_Section):
             "that the shadow model scores too, after the primary.",
         )
 
+    class RouteSettings(_Section):
+        """``scoring.routes[]``: the events of some types scored by their own model, queue and workers."""
+
+        name: str = Field(
+            ..., pattern=r"^[a-z0-9][a-z0-9_-]{0,39}$",
+            description="Route name (lowercase, digits, - or _); its queue is <prefix>.scoring.<name>, its retry "
+            "levels <prefix>.scoring.<name>.retry.<ttl>ms.",
+        )
+        types: list[str] = Field(
+            ..., min_length=1,
+            description="Event-type patterns of this route, AMQP topic style: '*' one word, '#' zero or more "
+            "(e.g. 'payments.#'). The patterns of different routes may not overlap; events of no route go to "
+            "the default route (scoring.model).",
+        )
+        model: str = Field(
+            ..., min_length=1,
+            description="The route's model: a name in scoring.models, or else a scorer kind used with empty options.",
+        )
+        fallback: str | None = Field(
+            None, min_length=1,
+            description="The route's fallback model while its model's breaker is open. Left out: scoring.fallback "
+            "(if any); null: none (the route's intake pauses instead).",
+        )
+        shadow: ScoringSettings.ShadowSettings | None = Field(
+            None, description="The route's shadow model {model, fraction} (not inherited from scoring.shadow).",
+        )
+
+        @field_validator("types")
+        @classmethod
+        def _patterns_valid(cls, value: list[str]) -> list[str]:
+            from gateway.events.topics import check_pattern
+
+            return [check_pattern(p) for p in value]
+
     model: str = Field(
         "online-anomaly",
         description="The model that scores: a name in scoring.models, or else a scorer kind used with empty "
@@ -447,6 +481,25 @@ class ScoringSettings(_Section):
         description="Shadow scoring: {model, fraction}. The sampled events are scored by the shadow model too "
         "and its scores stored as ordinary score rows of that model (not published); compare with "
         "'gateway scoring compare' or GET /v1/scoring/compare.",
+    )
+    routes: list[RouteSettings] = Field(
+        default_factory=list,
+        description="Model routes by event type: [{name, types, model, fallback, shadow}]. Each route has its "
+        "own queue (<prefix>.scoring.<name>), breaker, retries, backpressure and workers, so one route's model "
+        "outage never stalls another route. Events of no route are scored by scoring.model from <prefix>.scoring.",
+    )
+    late_after: float | None = Field(
+        None, ge=1, le=7 * 86400,
+        description="Seconds an event may wait for its score, counted from the relay's publish (retries "
+        "included). An event older than this is not scored but routed to the late queue <prefix>.late "
+        "(exchange <prefix>.late, routing key = event type) for a consumer of your own; while a model's "
+        "breaker is open and no fallback scores, waiting events are parked in the retry levels (no attempt "
+        "counted) instead of pausing intake, so they become late on time. None: no deadline.",
+    )
+    checkpoint_interval: float = Field(
+        60.0, ge=0, le=86400,
+        description="Seconds between checkpoints of a learning model's state (the built-in online-anomaly) in "
+        "the store; a restarted scorer resumes from the last one. 0: no checkpoints (a restart forgets).",
     )
     models: dict[str, ModelSettings] = Field(
         default_factory=dict,
@@ -533,12 +586,61 @@ class ScoringSettings(_Section):
 
     @model_validator(mode="after")
     def _routes_distinct(self) -> ScoringSettings:
-        if self.fallback is not None and self.fallback == self.model:
-            raise ValueError(f"fallback must name another model than scoring.model ({self.model!r})")
-        if self.shadow is not None and self.shadow.model == self.model:
-            raise ValueError(f"shadow.model must name another model than scoring.model ({self.model!r})")
+        from gateway.events.topics import topics_overlap
+
+        problems = []
+        for where, route in [("scoring", self.for_route(None))] + [
+            (f"scoring.routes[{i}] ({r.name!r})", self.for_route(r.name)) for i, r in enumerate(self.routes)
+        ]:
+            if route.fallback is not None and route.fallback == route.model:
+                problems.append(f"{where}: fallback must name another model than its model ({route.model!r})")
+            if route.shadow is not None and route.shadow.model == route.model:
+                problems.append(f"{where}: shadow.model must name another model than its model ({route.model!r})")
+        names = [r.name for r in self.routes]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            problems.append(f"scoring.routes: route names must be unique, repeated: {dup}")
+        reserved = sorted({n for n in names if n in ("retry", "default", "router")})
+        if reserved:
+            problems.append(f"scoring.routes: {reserved} are reserved names (they name the gateway's own queues)")
+        for i, a in enumerate(self.routes):
+            for b in self.routes[i + 1:]:
+                clash = [(p, q) for p in a.types for q in b.types if topics_overlap(p, q)]
+                if clash:
+                    p, q = clash[0]
+                    problems.append(
+                        f"scoring.routes: {a.name!r} pattern {p!r} and {b.name!r} pattern {q!r} can match the same "
+                        f"event type; an event type must belong to one route at most"
+                    )
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
+    def route_names(self) -> list[str | None]:
+        """``None`` (the default route) and then every configured route's name."""
+        return [None, *(r.name for r in self.routes)]
+
+    def for_route(self, name: str | None) -> ScoringSettings:
+        """These settings as seen by one route's workers: its model, fallback and shadow, no routes.
+
+        Args:
+            name: a route name, or ``None`` for the default route (scoring.model, .fallback, .shadow).
+
+        Raises:
+            KeyError: no route has that name.
+        """
+        if name is None:
+            if not self.routes:
+                return self
+            return self.model_copy(update={"routes": []})
+        route = next((r for r in self.routes if r.name == name), None)
+        if route is None:
+            raise KeyError(f"no scoring route {name!r}; configured: {[r.name for r in self.routes]}")
+        fallback = route.fallback if "fallback" in route.model_fields_set else self.fallback
+        return self.model_copy(update={"model": route.model, "fallback": fallback, "shadow": route.shadow, "routes": []})
+
+
+ScoringSettings.RouteSettings.model_rebuild()  # resolve its reference to ScoringSettings.ShadowSettings
 
 
 class BridgeSettings(_Section):

@@ -368,10 +368,7 @@ class ScoredEventConsumer:
     def _start(self) -> None:
         topology = self.topology()
         if self._bus is not None:
-            for name, kind in topology.exchanges():
-                self._bus.declare_exchange(name, kind)
-            for spec in topology.queues():
-                self._bus.declare_queue(spec)
+            self._bus.declare(topology)
             self._consumer = self._bus.consumer(self.queue, self.prefetch)
         else:
             from gateway.bus.pika_consumer import PikaConsumer  # pika only when used

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 from gateway.bus import Message, Outcome, Publisher, Topology
+from gateway.bus.protocols import PUBLISHED_AT_HEADER
 from gateway.config import RelaySettings
 from gateway.events import CONTENT_TYPE
 from gateway.resilience.crashpoints import armed, crash_point
@@ -90,12 +92,15 @@ class Relay:
         rows = self.store.claim_pending(self.owner, self.settings.batch_size, self.settings.claim_seconds)
         if not rows:
             return None
+        # When the event entered the bus: the scorer's deadline (scoring.late_after) counts from it.
+        stamp = {PUBLISHED_AT_HEADER: int(time.time() * 1000)}
         messages = [
             Message(
                 body=r.envelope.encode("utf-8"),
                 routing_key=r.type,
                 message_id=r.id,
                 content_type=CONTENT_TYPE,
+                headers=stamp,
             )
             for r in rows
         ]

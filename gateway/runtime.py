@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.bus import Bus, Topology, bus_from_settings
 from gateway.config import Settings
+from gateway.errors import ConfigurationError
 from gateway.metrics import ResilienceMetrics, ScoringMetrics, serve_metrics
 from gateway.relay import Relay
 from gateway.resilience import (
@@ -77,6 +78,10 @@ class Gateway:
     forwarders: list[Any] = field(default_factory=list, init=False)
     #: The broker dead-letter-queue drain (scorer role), a :class:`~gateway.deadletters.DeadLetterDrain`.
     drain: Any = field(default=None, init=False)
+    #: Scoring routes the scorer role serves: None for all of them (default route: None in the list).
+    scoring_routes: Iterable[str | None] | None = None
+    #: The scorer role's model-state checkpointer (a :class:`~gateway.scoring.checkpoint.ModelCheckpointer`).
+    checkpointer: Any = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.roles = tuple(self.roles)
@@ -104,16 +109,18 @@ class Gateway:
         self._closers: list[Callable[[], None]] = []
 
     # ------------------------------------------------------------------ lifecycle
+    def _startup_policy(self) -> RetryPolicy:
+        return self.settings.resilience.retry_policy(
+            "startup", default=RetryPolicy(attempts=12, base_delay=0.5, max_delay=10.0, deadline=60.0)
+        )
+
     def start(self) -> None:
         """Declare the topology and start every role in its own thread(s).
 
         An unreachable broker or store is retried for up to a minute (compose starts services in
         any order); a topology mismatch fails at once.
         """
-        startup = self.settings.resilience.retry_policy(
-            "startup", default=RetryPolicy(attempts=12, base_delay=0.5, max_delay=10.0, deadline=60.0)
-        )
-        for attempt in retrying(startup, logger=log):
+        for attempt in retrying(self._startup_policy(), logger=log):
             with attempt:
                 self.store.ping()
                 self.bus.declare_topology()
@@ -143,44 +150,95 @@ class Gateway:
             self._start_api()
 
     def _start_scorer(self) -> None:
+        """Workers for every scoring route this process serves (:attr:`scoring_routes`).
+
+        Each route has its own consumer, model breaker, fallback, shadow and workers, so one
+        route's outage pauses only that route's queue. A model used by several routes is built
+        once here (one instance, one breaker, one learned state).
+        """
+        sc = self.settings.scoring
+        routes = sc.route_names() if self.scoring_routes is None else list(self.scoring_routes)
+        unknown = [r for r in routes if r not in sc.route_names()]
+        if unknown:
+            raise ConfigurationError(
+                f"unknown scoring route(s) {unknown}; configured: {[r or 'default' for r in sc.route_names()]}"
+            )
+        publisher = self.bus.publisher()  # thread-safe; shared by every worker of this process
+        self._closers.append(publisher.close)
+        scoring_metrics = ScoringMetrics(self.metrics_registry)  # shared by the workers
+        models: dict[str, Any] = {}  # model name -> the one instance of this process
+        workers: list[tuple[str, Any]] = []
+        for route in routes:
+            workers.extend(self._build_route(route, publisher, scoring_metrics, models))
+        self.scorers = [w for _, w in workers]
+        self.scorer = self.scorers[0]
+        if sc.checkpoint_interval > 0:
+            # Restore BEFORE any worker scores: a batch scored by a fresh model would store
+            # warm-up scores for good (scores are written once per event and model version).
+            from gateway.scoring.checkpoint import ModelCheckpointer
+
+            self.checkpointer = ModelCheckpointer(self.store, list(models.values()), interval=sc.checkpoint_interval)
+            for attempt in retrying(self._startup_policy(), logger=log):
+                with attempt:
+                    restored = self.checkpointer.restore()
+            if restored:
+                log.info("model state restored from checkpoints: %s", restored)
+            self.checkpointer.start()
+            self._closers.insert(0, self.checkpointer.stop)  # the final checkpoint before anything closes
+        for name, worker in workers:
+            self._spawn(name, worker.run)
+
+    def _build_route(
+        self, route: str | None, publisher: Any, scoring_metrics: ScoringMetrics, models: dict[str, Any]
+    ) -> list[tuple[str, Any]]:
+        """The workers of one scoring route (thread name, worker), not started yet."""
         from gateway.bus.retry import RetrySchedule
         from gateway.scoring import LockedScorer, ScoringWorker, scorer_from_settings
         from gateway.scoring.resilience import AttemptLedger, scorer_breaker_policy
         from gateway.scoring.routing import build_fallback, build_shadow
 
-        sc = self.settings.scoring
-        model = LockedScorer(scorer_from_settings(sc))
-        fallback = build_fallback(sc)  # None unless scoring.fallback is set
+        sc = self.settings.scoring.for_route(route)
+        topology = self.topology.for_route(route)
+        label = route or "default"
+
+        def shared(name: str, build: Callable[[], Any]) -> Any:
+            if name not in models:
+                models[name] = build()
+            return models[name]
+
+        model = shared(sc.model, lambda: LockedScorer(scorer_from_settings(sc)))
+        fallback = shared(sc.fallback, lambda: build_fallback(sc)) if sc.fallback is not None else None
         shadow = None
         if sc.shadow is not None:  # its breaker is in the registry too, so metrics and readiness see it
             shadow = build_shadow(sc, self.breakers.get(f"shadow:{sc.shadow.model}", scorer_breaker_policy()))
-        publisher = self.bus.publisher()  # thread-safe; shared by the workers
-        # One breaker for the model (in the registry, so metrics and readiness see it), one
-        # schedule and one attempt ledger, shared by this process's workers.
+            if shadow is not None:
+                shadow.scorer = shared(sc.shadow.model, lambda: shadow.scorer)
+        # One breaker per model (in the registry, so metrics and readiness see it), one schedule
+        # and one attempt ledger, shared by the route's workers.
         breaker = self.breakers.get(f"scorer:{model.name}", scorer_breaker_policy(sc.breaker.to_policy()))
         retry = RetrySchedule.from_settings(sc)
         ledger = AttemptLedger()
-        # One consumer (one connection) shared by the workers: its get_batch, ack and reject are
-        # thread-safe. With a consumer per worker, a dying process returned its messages twice:
-        # the broker handed the first connection's unacked messages to the second one of the same
-        # dead process before noticing that one was gone too, raising every delivery count by 2.
-        consumer = self.bus.consumer(self.topology.scoring_queue, self.settings.bus.prefetch)
-        scoring_metrics = ScoringMetrics(self.metrics_registry)  # shared by the workers
-        self.scorers = []
+        # One consumer (one connection) shared by the route's workers: its get_batch, ack and
+        # reject are thread-safe. With a consumer per worker, a dying process returned its messages
+        # twice: the broker handed the first connection's unacked messages to the second one of
+        # the same dead process before noticing that one was gone too, raising every delivery
+        # count by 2.
+        consumer = self.bus.consumer(topology.scoring_queue, self.settings.bus.prefetch)
+        self._closers.append(consumer.close)
+        workers = []
         for i in range(sc.workers):
             worker = ScoringWorker(
-                consumer, publisher, self.store, model, self.topology,
+                consumer, publisher, self.store, model, topology,
                 batch_max=sc.batch_max, batch_linger_ms=sc.batch_linger_ms,
                 max_attempts=self.settings.bus.max_attempts, publish_timeout=self.settings.bus.publish_timeout,
                 retry=retry, breaker=breaker, score_timeout=sc.score_timeout,
                 prefetch=self.settings.bus.prefetch, ledger=ledger, fallback=fallback, shadow=shadow,
-                metrics=scoring_metrics,
+                metrics=scoring_metrics, late_after=sc.late_after,
             )
-            self.scorers.append(worker)
-            self._spawn(f"scorer-{i}", worker.run)
-        self._closers.append(consumer.close)
-        self.scorer = self.scorers[0]
-        self._closers.append(publisher.close)
+            workers.append((f"scorer-{label}-{i}" if self.settings.scoring.routes else f"scorer-{i}", worker))
+        log.info("scoring route %s: %s -> model %r%s", label, topology.scoring_queue, model.name,
+                 f", fallback {fallback.name!r}" if fallback is not None else "")
+        return workers
 
     def _start_dead_letter_drain(self) -> None:
         """Drain ``<prefix>.dead`` into ``dead_letters`` (stage ``broker``): what the broker

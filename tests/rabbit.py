@@ -25,3 +25,12 @@ def delete_broker_objects(
             ch.exchange_delete(name)
     finally:
         conn.close()
+
+
+def queue_depth(amqp_url: str, queue: str) -> int:
+    """Ready messages in ``queue`` (a passive declare on a connection of its own)."""
+    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        return int(conn.channel().queue_declare(queue, passive=True).method.message_count)
+    finally:
+        conn.close()

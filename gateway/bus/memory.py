@@ -63,25 +63,40 @@ class InMemoryBus:
         self._clock = clock
         self._cond = threading.Condition()
         self._exchanges: dict[str, str] = {}
+        self._alternates: dict[str, str] = {}  # exchange -> its alternate exchange
         self._queues: dict[str, _Queue] = {}
         self._bindings: list[tuple[str, str, str]] = []  # exchange, pattern, queue
+        self._exchange_bindings: list[tuple[str, str, str]] = []  # source, pattern, destination
         self._closed = False
         self._timer: threading.Thread | None = None
 
     # -- topology
     def declare_topology(self) -> None:
         """Declare the gateway topology (idempotent; a changed argument is an error)."""
-        with self._cond:
-            for name, kind in self.topology.exchanges():
-                self.declare_exchange(name, kind)
-            for spec in self.topology.queues():
-                self.declare_queue(spec)
+        self.declare(self.topology)
 
-    def declare_exchange(self, name: str, kind: str) -> None:
+    def declare(self, topology: Topology) -> None:
+        """Declare ``topology``'s exchanges, queues and bindings as RabbitMQ would; drop its obsolete bindings."""
+        with self._cond:
+            for name, kind in topology.exchanges():
+                self.declare_exchange(name, kind, topology.exchange_arguments(name))
+            for spec in topology.queues():
+                self.declare_queue(spec)
+            for destination, source, pattern in topology.exchange_bindings():
+                if (source, pattern, destination) not in self._exchange_bindings:
+                    self._exchange_bindings.append((source, pattern, destination))
+            for queue, exchange, pattern in topology.obsolete_bindings():
+                if (exchange, pattern, queue) in self._bindings:
+                    self._bindings.remove((exchange, pattern, queue))
+
+    def declare_exchange(self, name: str, kind: str, arguments: dict[str, Any] | None = None) -> None:
         with self._cond:
             have = self._exchanges.setdefault(name, kind)
             if have != kind:
                 raise ConfigurationError(f"exchange {name!r} exists as {have}, declared as {kind}")
+            alternate = (arguments or {}).get("alternate-exchange")
+            if alternate:
+                self._alternates[name] = alternate
 
     def declare_queue(self, spec: QueueSpec) -> None:
         with self._cond:
@@ -155,18 +170,30 @@ class InMemoryBus:
                 self._timer = None
 
     # -- routing
-    def _route(self, exchange: str, routing_key: str) -> list[_Queue]:
+    def _route(self, exchange: str, routing_key: str, _via: frozenset[str] = frozenset()) -> list[_Queue]:
+        """The queues ``routing_key`` reaches from ``exchange``: its queue bindings, its
+        exchange-to-exchange bindings (followed), and its alternate exchange when nothing matched."""
         kind = self._exchanges.get(exchange)
-        if kind is None:
+        if kind is None or exchange in _via:
             return []
+        via = _via | {exchange}
+
+        def hit(pattern: str) -> bool:
+            return kind == "fanout" or (kind == "topic" and topic_matches(pattern, routing_key)) or (
+                kind == "direct" and pattern == routing_key
+            )
+
         out: dict[str, _Queue] = {}  # a queue gets a message once, however many of its bindings match
         for ex, pattern, qname in self._bindings:
-            if ex != exchange or qname in out:
-                continue
-            if kind == "fanout" or (kind == "topic" and topic_matches(pattern, routing_key)) or (
-                kind == "direct" and pattern == routing_key
-            ):
+            if ex == exchange and qname not in out and hit(pattern):
                 out[qname] = self._queues[qname]
+        for source, pattern, destination in self._exchange_bindings:
+            if source == exchange and hit(pattern):
+                for q in self._route(destination, routing_key, via):
+                    out.setdefault(q.spec.name, q)
+        if not out and exchange in self._alternates:
+            for q in self._route(self._alternates[exchange], routing_key, via):
+                out.setdefault(q.spec.name, q)
         return list(out.values())
 
     def _publish_locked(self, exchange: str, msg: Message, headers: dict[str, Any] | None = None) -> Outcome:

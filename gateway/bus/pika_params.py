@@ -196,6 +196,40 @@ def precondition_error(exc: BaseException, what: str) -> ConfigurationError:
     )
 
 
+def topology_steps(topology: Topology) -> list[tuple[str, Callable[..., Any]]]:
+    """The declaration of ``topology`` as (what, call) steps, in order (REL-03).
+
+    The dead-letter exchange first, then the other exchanges (with their arguments), then every
+    queue with exactly its :meth:`Topology.queues` arguments, then the queue bindings, the
+    exchange-to-exchange bindings, and last the removal of obsolete bindings (unbinding what does
+    not exist is no error on RabbitMQ). ``call(channel, **kw)`` works on a blocking channel as it
+    is, and on an asynchronous one with ``callback=`` in ``kw``.
+    """
+    steps: list[tuple[str, Callable[..., Any]]] = []
+    for name, kind in topology.exchanges():
+        args = topology.exchange_arguments(name)
+        steps.append((f"exchange {name!r}", lambda ch, n=name, k=kind, a=args, **kw: ch.exchange_declare(
+            exchange=n, exchange_type=k, durable=True, arguments=dict(a) or None, **kw)))
+    queues = topology.queues()
+    for spec in queues:
+        steps.append((f"queue {spec.name!r}", lambda ch, s=spec, **kw: ch.queue_declare(
+            queue=s.name, durable=True, arguments=dict(s.arguments), **kw)))
+    for spec in queues:
+        for exchange, pattern in spec.bindings:
+            steps.append((f"binding of queue {spec.name!r} to {exchange!r}",
+                          lambda ch, s=spec, e=exchange, p=pattern, **kw: ch.queue_bind(
+                              queue=s.name, exchange=e, routing_key=p, **kw)))
+    for destination, source, pattern in topology.exchange_bindings():
+        steps.append((f"binding of exchange {destination!r} to {source!r}",
+                      lambda ch, d=destination, s=source, p=pattern, **kw: ch.exchange_bind(
+                          destination=d, source=s, routing_key=p, **kw)))
+    for queue, exchange, pattern in topology.obsolete_bindings():
+        steps.append((f"removal of the obsolete binding of {queue!r} to {exchange!r}",
+                      lambda ch, q=queue, e=exchange, p=pattern, **kw: ch.queue_unbind(
+                          queue=q, exchange=e, routing_key=p, **kw)))
+    return steps
+
+
 def declare_topology_async(
     channel: Channel,
     topology: Topology,
@@ -204,26 +238,13 @@ def declare_topology_async(
 ) -> None:
     """Declare ``topology`` on an asynchronous channel, one RPC after the other, then ``on_done``.
 
-    Order (REL-03): the dead-letter exchange first, then the other exchanges, then every queue
-    with exactly its :meth:`Topology.queues` arguments, then the bindings. A mismatch makes the
-    broker close the channel (406); the channel's close callback handles it. ``on_step`` is told
-    what is being declared, so that close callback can name it.
+    The steps and their order are :func:`topology_steps`'. A mismatch makes the broker close the
+    channel (406); the channel's close callback handles it. ``on_step`` is told what is being
+    declared, so that close callback can name it.
 
     Must be called on the channel's I/O thread.
     """
-    steps: list[tuple[str, Callable[[Callable[[Any], None]], None]]] = []
-    for name, kind in topology.exchanges():
-        steps.append((f"exchange {name!r}", lambda cb, n=name, k=kind: channel.exchange_declare(
-            exchange=n, exchange_type=k, durable=True, callback=cb)))
-    queues = topology.queues()
-    for spec in queues:
-        steps.append((f"queue {spec.name!r}", lambda cb, s=spec: channel.queue_declare(
-            queue=s.name, durable=True, arguments=dict(s.arguments), callback=cb)))
-    for spec in queues:
-        for exchange, pattern in spec.bindings:
-            steps.append((f"binding {spec.name!r}", lambda cb, s=spec, e=exchange, p=pattern: channel.queue_bind(
-                queue=s.name, exchange=e, routing_key=p, callback=cb)))
-    it = iter(steps)
+    it = iter(topology_steps(topology))
 
     def next_step(_frame: Any = None) -> None:
         step = next(it, None)
@@ -232,7 +253,7 @@ def declare_topology_async(
             return
         if on_step is not None:
             on_step(step[0])
-        step[1](next_step)
+        step[1](channel, callback=next_step)
 
     next_step()
 

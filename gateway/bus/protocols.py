@@ -17,7 +17,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["Message", "Outcome", "Delivery", "Publisher", "Consumer", "Bus", "BusHealth"]
+__all__ = ["PUBLISHED_AT_HEADER", "Message", "Outcome", "Delivery", "Publisher", "Consumer", "Bus", "BusHealth"]
+
+#: Header the relay sets on every event it publishes: when (Unix ms, the relay's clock) the event
+#: entered the bus. The scorer's deadline (``scoring.late_after``) counts from it.
+PUBLISHED_AT_HEADER = "x-gw-published-at"
 
 
 @dataclass(frozen=True, slots=True)

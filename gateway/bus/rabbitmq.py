@@ -20,7 +20,7 @@ import pika
 from pika.exceptions import AMQPError, ChannelClosedByBroker
 
 from gateway.bus.pika_consumer import DeliveryTag, PikaConsumer
-from gateway.bus.pika_params import IOThreadClient, connection_parameters, precondition_error, redact
+from gateway.bus.pika_params import IOThreadClient, connection_parameters, precondition_error, redact, topology_steps
 from gateway.bus.pika_publisher import PikaPublisher
 from gateway.bus.protocols import BusHealth
 from gateway.bus.topology import Topology
@@ -87,17 +87,8 @@ class RabbitBus:
         what = ""
         try:
             with self._blocking_channel("topology") as ch:
-                for name, kind in self.topology.exchanges():
-                    what = f"exchange {name!r}"
-                    ch.exchange_declare(exchange=name, exchange_type=kind, durable=True)
-                queues = self.topology.queues()
-                for spec in queues:
-                    what = f"queue {spec.name!r}"
-                    ch.queue_declare(queue=spec.name, durable=True, arguments=dict(spec.arguments))
-                for spec in queues:
-                    for exchange, pattern in spec.bindings:
-                        what = f"binding of queue {spec.name!r} to {exchange!r}"
-                        ch.queue_bind(queue=spec.name, exchange=exchange, routing_key=pattern)
+                for what, call in topology_steps(self.topology):  # noqa: B007 -- `what` names the failure
+                    call(ch)
         except ChannelClosedByBroker as exc:
             if exc.reply_code == 406:
                 raise precondition_error(exc, what) from None

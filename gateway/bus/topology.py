@@ -1,17 +1,26 @@
 """The gateway's exchange and queue names and arguments (a **contract**: see docs/concepts.md).
 
 * ``<prefix>.events``  -- topic exchange; the relay publishes events with routing key = type.
-* ``<prefix>.scoring`` -- quorum queue bound to ``events`` with ``#``; the scorer consumes it.
+* ``<prefix>.scoring.router`` -- topic exchange bound to ``events`` with ``#`` (exchange-to-exchange);
+  each scoring route's queue binds to it with the route's type patterns. Its alternate exchange is
+  ``<prefix>.scoring.default``: an event no route's pattern matches goes there.
+* ``<prefix>.scoring.default`` -- fanout exchange; the default scoring queue is bound to it.
+* ``<prefix>.scoring`` -- quorum queue of the default route (``scoring.model``): every event of no
+  route; ``<prefix>.scoring.<route>`` -- one quorum queue per ``scoring.routes`` entry. Route
+  patterns may not overlap (config validation), so every event reaches exactly one scoring queue.
 * ``<prefix>.scored``  -- topic exchange; scored events, routing key = the original event type.
 * ``<prefix>.dlx``     -- fanout dead-letter exchange, declared first.
 * ``<prefix>.dead``    -- quorum dead-letter queue bound to ``dlx``.
 * ``<prefix>.retry``   -- direct exchange of the delayed retries (REL-08): routing key
-  ``<prefix>.scoring.retry.<ttl>ms`` reaches that retry level, routing key ``<prefix>.scoring``
-  reaches the scoring queue (where expired retries return, and where operators may replay).
-* ``<prefix>.scoring.retry.<ttl>ms`` -- one quorum queue per retry level, not consumed:
+  ``<queue>.retry.<ttl>ms`` reaches that retry level of a scoring queue, routing key ``<queue>``
+  reaches the scoring queue itself (where expired retries return, and where operators may replay).
+* ``<queue>.retry.<ttl>ms`` -- per scoring queue, one quorum queue per retry level, not consumed:
   ``x-message-ttl`` = the level's cap, dead-lettered on expiry to ``retry`` with routing key
-  ``<prefix>.scoring`` (see :mod:`gateway.bus.retry`). Named by TTL, so changing the retry settings
+  ``<queue>`` (see :mod:`gateway.bus.retry`). Named by TTL, so changing the retry settings
   declares new levels instead of failing on the old ones; an emptied old level can be deleted.
+
+Before scoring routes existed, ``<prefix>.scoring`` was bound to ``events`` with ``#`` directly;
+:meth:`Topology.obsolete_bindings` lists that binding, and declaring the topology removes it.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from typing import Any
 
 from gateway.bus.retry import RetrySchedule
 from gateway.config import BusSettings, ScoringSettings
+from gateway.events.topics import topic_matches
 
 __all__ = ["DeclaredTopology", "Topology", "QueueSpec", "topic_matches"]
 
@@ -48,6 +58,9 @@ class Topology:
     max_queue_length: int | None = None
     extra_queues: tuple[QueueSpec, ...] = field(default=())
     retry_ttls_ms: tuple[int, ...] = field(default=RetrySchedule().level_ttls_ms(3))
+    routes: tuple[tuple[str, tuple[str, ...]], ...] = field(default=())  #: (route name, type patterns)
+    route: str | None = None  #: the scoring route this view's ``scoring_queue`` is (None: the default)
+    late: bool = False  #: declare the late exchange and queue (``scoring.late_after`` is set)
 
     @classmethod
     def from_settings(cls, settings: BusSettings, scoring: ScoringSettings | None = None) -> Topology:
@@ -60,7 +73,23 @@ class Topology:
         return cls(
             settings.prefix, settings.delivery_limit, settings.max_queue_length,
             retry_ttls_ms=schedule.level_ttls_ms(settings.max_attempts),
+            routes=tuple((r.name, tuple(r.types)) for r in scoring.routes) if scoring is not None else (),
+            late=scoring is not None and scoring.late_after is not None,
         )
+
+    def for_route(self, name: str | None) -> Topology:
+        """The same topology seen by one scoring route: ``scoring_queue`` and its retry levels are the route's.
+
+        Raises:
+            KeyError: no route has that name.
+        """
+        if name is not None and name not in dict(self.routes):
+            raise KeyError(f"no scoring route {name!r}; configured: {[n for n, _ in self.routes]}")
+        return replace(self, route=name)
+
+    def scoring_queues(self) -> list[tuple[str | None, str]]:
+        """(route name or None for the default route, its queue), default first."""
+        return [(None, f"{self.prefix}.scoring"), *((n, f"{self.prefix}.scoring.{n}") for n, _ in self.routes)]
 
     def bridge_queue(self, name: str) -> str:
         """The gateway-side queue of bridge ``name`` (scored events waiting to go to a legacy queue)."""
@@ -98,7 +127,25 @@ class Topology:
 
     @property
     def scoring_queue(self) -> str:
-        return f"{self.prefix}.scoring"
+        """The queue of this view's scoring route (:meth:`for_route`); ``<prefix>.scoring`` by default."""
+        return f"{self.prefix}.scoring" if self.route is None else f"{self.prefix}.scoring.{self.route}"
+
+    @property
+    def late_exchange(self) -> str:
+        """Topic exchange of events that waited past ``scoring.late_after`` (routing key = type)."""
+        return f"{self.prefix}.late"
+
+    @property
+    def late_queue(self) -> str:
+        return f"{self.prefix}.late"
+
+    @property
+    def router_exchange(self) -> str:
+        return f"{self.prefix}.scoring.router"
+
+    @property
+    def default_route_exchange(self) -> str:
+        return f"{self.prefix}.scoring.default"
 
     @property
     def dead_letter_queue(self) -> str:
@@ -124,15 +171,57 @@ class Topology:
         return self.retry_queue(ttl), ttl
 
     def exchanges(self) -> list[tuple[str, str]]:
-        """(name, type) in declaration order: the DLX first."""
+        """(name, type) in declaration order: the DLX first; arguments in :meth:`exchange_arguments`."""
         return [
             (self.dead_letter_exchange, "fanout"), (self.events_exchange, "topic"), (self.scored_exchange, "topic"),
-            (self.retry_exchange, "direct"),
+            (self.retry_exchange, "direct"), (self.default_route_exchange, "fanout"), (self.router_exchange, "topic"),
+            *([(self.late_exchange, "topic")] if self.late else []),
         ]
 
+    def exchange_arguments(self, name: str) -> dict[str, Any]:
+        """Declaration arguments of exchange ``name`` (the router's alternate exchange; else none)."""
+        return {"alternate-exchange": self.default_route_exchange} if name == self.router_exchange else {}
+
+    def exchange_bindings(self) -> list[tuple[str, str, str]]:
+        """(destination, source, pattern) exchange-to-exchange bindings: every event reaches the router."""
+        return [(self.router_exchange, self.events_exchange, "#")]
+
+    def obsolete_bindings(self) -> list[tuple[str, str, str]]:
+        """(queue, exchange, pattern) bindings of earlier versions that declaring removes (idempotent).
+
+        ``<prefix>.scoring`` bound to ``events`` with ``#`` would hand the default route the events
+        of every route too.
+        """
+        return [(f"{self.prefix}.scoring", self.events_exchange, "#")]
+
     def queues(self) -> list[QueueSpec]:
-        """Every queue, dead-letter queue first. Every argument is explicit (REL-03)."""
-        scoring_args: dict[str, Any] = {
+        """Every queue, dead-letter queue first, then each scoring queue with its retry levels.
+
+        Every argument is explicit (REL-03).
+        """
+        dead_args: dict[str, Any] = {"x-queue-type": "quorum", "x-overflow": "reject-publish"}
+        specs = [QueueSpec(self.dead_letter_queue, dead_args, ((self.dead_letter_exchange, ""),))]
+        patterns = dict(self.routes)
+        for name, _queue in self.scoring_queues():
+            view = self.for_route(name)
+            intake = ((self.default_route_exchange, ""),) if name is None else tuple(
+                (self.router_exchange, p) for p in patterns[name]
+            )
+            specs.append(view._scoring_spec(intake))
+            specs.extend(view.retry_queues())
+        if self.late:
+            specs.append(QueueSpec(
+                self.late_queue,
+                {"x-queue-type": "quorum", "x-overflow": "reject-publish", "x-dead-letter-exchange":
+                 self.dead_letter_exchange, "x-dead-letter-strategy": "at-least-once",
+                 "x-delivery-limit": self.delivery_limit},
+                ((self.late_exchange, "#"),),
+            ))
+        specs.extend(self.extra_queues)
+        return specs
+
+    def _scoring_spec(self, intake: tuple[tuple[str, str], ...]) -> QueueSpec:
+        args: dict[str, Any] = {
             "x-queue-type": "quorum",
             "x-dead-letter-exchange": self.dead_letter_exchange,
             "x-dead-letter-strategy": "at-least-once",
@@ -140,20 +229,11 @@ class Topology:
             "x-delivery-limit": self.delivery_limit,
         }
         if self.max_queue_length is not None:
-            scoring_args["x-max-length"] = self.max_queue_length
-        dead_args: dict[str, Any] = {"x-queue-type": "quorum", "x-overflow": "reject-publish"}
-        return [
-            QueueSpec(self.dead_letter_queue, dead_args, ((self.dead_letter_exchange, ""),)),
-            QueueSpec(
-                self.scoring_queue, scoring_args,
-                ((self.events_exchange, "#"), (self.retry_exchange, self.scoring_queue)),
-            ),
-            *self.retry_queues(),
-            *self.extra_queues,
-        ]
+            args["x-max-length"] = self.max_queue_length
+        return QueueSpec(self.scoring_queue, args, (*intake, (self.retry_exchange, self.scoring_queue)))
 
     def retry_queues(self) -> list[QueueSpec]:
-        """The retry levels (REL-08): expired messages go back to the scoring queue.
+        """The retry levels (REL-08) of this view's scoring queue: expired messages go back to it.
 
         Dead-lettering is at-least-once (it needs ``reject-publish``): an expired message stays in
         its level until the scoring queue accepted it, even when that queue is full.
@@ -189,18 +269,11 @@ class DeclaredTopology:
     def queues(self) -> list[QueueSpec]:
         return list(self.queue_specs)
 
+    def exchange_arguments(self, name: str) -> dict[str, Any]:
+        return {}
 
-def topic_matches(pattern: str, key: str) -> bool:
-    """AMQP topic matching: ``*`` is one word, ``#`` zero or more words."""
-    p, k = pattern.split("."), key.split(".") if key else []
+    def exchange_bindings(self) -> list[tuple[str, str, str]]:
+        return []
 
-    def match(i: int, j: int) -> bool:
-        if i == len(p):
-            return j == len(k)
-        if p[i] == "#":
-            return any(match(i + 1, jj) for jj in range(j, len(k) + 1))
-        if j == len(k):
-            return False
-        return (p[i] == "*" or p[i] == k[j]) and match(i + 1, j + 1)
-
-    return match(0, 0)
+    def obsolete_bindings(self) -> list[tuple[str, str, str]]:
+        return []

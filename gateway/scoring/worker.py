@@ -70,7 +70,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
-from gateway.bus.protocols import Consumer, Delivery, Message, Outcome, Publisher
+from gateway.bus.protocols import PUBLISHED_AT_HEADER, Consumer, Delivery, Message, Outcome, Publisher
 from gateway.bus.retry import RetrySchedule
 from gateway.bus.topology import Topology
 from gateway.errors import (
@@ -99,6 +99,9 @@ ATTEMPTS_HEADER = "x-gw-attempts"  #: gateway-counted scoring attempts so far (o
 LAST_ERROR_HEADER = "x-gw-last-error"  #: class and short message of the last failure
 FIRST_FAILED_HEADER = "x-gw-first-failed-at"  #: ISO time of the first failure
 DELAY_HEADER = "x-gw-retry-delay-ms"  #: retry delay scheduled so far (bounded by the window)
+LATE_BY_HEADER = "x-gw-late-by-ms"  #: on a late event: how far past the deadline it was routed
+PARKED_HEADER = "x-gw-parked"  #: times the event was parked while its model's breaker was open
+_MIN_PARK_MS = 250.0  #: shortest park (a trial due at once must not spin events through the levels)
 _DONE = frozenset({Outcome.ACK, Outcome.RETURNED})
 # Managed by the broker: never copied onto a retry copy (a copied x-delivery-count would look
 # like earlier deliveries of the fresh message).
@@ -185,7 +188,10 @@ class ScoringWorker:
         fallback: Scorer | None = None,
         shadow: Shadow | None = None,
         metrics: ScoringMetrics | None = None,
+        late_after: float | None = None,
     ) -> None:
+        if late_after is not None and (late_after <= 0 or not topology.late):
+            raise ValueError("late_after must be > 0 and the topology must declare the late exchange (late=True)")
         if batch_max < 1 or max_attempts < 1 or publish_timeout <= 0 or prefetch < 1:
             raise ValueError("batch_max, max_attempts and prefetch must be >= 1 and publish_timeout > 0")
         self.consumer = consumer
@@ -215,7 +221,9 @@ class ScoringWorker:
         self._shadow_call = (
             TimedCaller(score_timeout, f"shadow-call-{shadow.scorer.name}") if shadow is not None else None
         )
-        self._degraded = False  # the breaker is open and the fallback scores this batch
+        self.late_after = late_after
+        self._degraded = False  # the breaker is open: this batch goes to the fallback, or is parked
+        self._parking = False  # ... parked in the retry levels (late routing on, no working fallback)
         self._fallback_down = False  # the fallback raised during this open period: pause as without one
         self._route: dict[str, Scorer] = {}  # event id -> model other than the primary, this batch
         self._stop: threading.Event | None = None
@@ -249,6 +257,8 @@ class ScoringWorker:
         self.shadow_scored = 0
         self.shadow_failures = 0
         self.shadow_skipped = 0
+        self.late = 0
+        self.parked = 0
 
     # ------------------------------------------------------------------ loop
     def run(self, stop: threading.Event) -> None:
@@ -323,14 +333,25 @@ class ScoringWorker:
             self._fallback_down = False  # a new open period gives the fallback a new chance
         if state is BreakerState.OPEN:
             self._retry_after = float(snap["retry_after"])
-            if self.fallback is not None and not self._fallback_down and not self._paused:
-                # Degradation: keep taking deliveries, the fallback scores them (no event waits).
+            fallback_ok = self.fallback is not None and not self._fallback_down
+            can_park = self.late_after is not None and bool(self.topology.retry_ttls_ms)
+            if (fallback_ok or can_park) and not self._paused:
+                # Degradation: keep taking deliveries, the fallback scores them (no event waits);
+                # without a working fallback but with a deadline, park them until the trial or
+                # their deadline, whichever comes first (late ones go to the late queue).
                 self._degraded = True
+                self._parking = not fallback_ok
                 if not was_degraded:
-                    log.warning(
-                        "model breaker %r open: scoring with the fallback model %r (trial in %.1f s)",
-                        self.breaker.name, self.fallback.name, self._retry_after,
-                    )
+                    if fallback_ok:
+                        log.warning(
+                            "model breaker %r open: scoring with the fallback model %r (trial in %.1f s)",
+                            self.breaker.name, self.fallback.name, self._retry_after,  # type: ignore[union-attr]
+                        )
+                    else:
+                        log.warning(
+                            "model breaker %r open: events parked in the retry levels until the trial (in %.1f s) "
+                            "or their deadline (late_after %g s)", self.breaker.name, self._retry_after, self.late_after,
+                        )
                 return min(self.batch_max, self._batch_now)
             if not self._paused:
                 self.consumer.pause()
@@ -391,6 +412,8 @@ class ScoringWorker:
             else:
                 todo.append((d, ev))
 
+        if self.late_after is not None and todo:
+            todo = self._divert_late(todo)
         fresh, failed, untried = self._score_isolating_suspects(todo)
         now = self._clock()
         if fresh:
@@ -431,7 +454,10 @@ class ScoringWorker:
         ready = done + fresh
         clean = self._publish_and_ack(ready, now, first_scored_at)
         if untried:
-            self._hand_back(untried)
+            if self._parking:
+                clean = self._park(untried) and clean
+            else:
+                self._hand_back(untried)
         if failed:
             clean = self._retry_or_dead_letter(failed, now) and clean
         if clean:
@@ -525,7 +551,11 @@ class ScoringWorker:
         if armed("scoring.before_score"):  # chaos tests only: a model that kills its process (REL-07)
             crash_point("scoring.before_score", [ev.id for _, ev in items])
         if self._degraded:
-            return self._refused([], [], items)
+            if BreakerState(self.breaker.snapshot()["state"]) is BreakerState.OPEN:
+                return self._refused([], [], items)
+            # The breaker half-opened or was reset while this batch was being taken: the model
+            # gets it (through the breaker, as usual), not the fallback.
+            self._degraded = False
         if not self._trial or len(items) == 1:
             try:
                 results = self._call_model([ev for _, ev in items])
@@ -713,29 +743,110 @@ class ScoringWorker:
 
     def _publish_retries(self, retries: list[tuple[Delivery, Event, int, Message]]) -> bool:
         """Publish-then-ack the retry copies; unconfirmed ones requeue their delivery (nothing lost)."""
-        outcomes = self._confirmed(self.topology.retry_exchange, [m for *_, m in retries], "retries")
-        confirmed = [(d, ev) for (d, ev, _, _), o in zip(retries, outcomes) if o is Outcome.ACK]
-        if confirmed:
-            self.consumer.ack([d for d, _ in confirmed])
-            self._settled.update(id(d) for d, _ in confirmed)
-            self.retried += len(confirmed)
-            if self.metrics is not None:
-                self.metrics.outcome("retried", len(confirmed))
-            for d, ev in confirmed:
-                self._ledger.forget(self._key(d, ev))  # the copy carries the count (x-gw-attempts)
-        for (d, ev, attempt, m), o in zip(retries, outcomes):
-            if o is Outcome.ACK:
+        attempts = {id(d): attempt for d, _, attempt, _ in retries}
+        done, rest = self._copy_then_ack(
+            self.topology.retry_exchange, [(d, ev, m) for d, ev, _, m in retries], "retried"
+        )
+        for d, ev in done:
+            self._ledger.forget(self._key(d, ev))  # the copy carries the count (x-gw-attempts)
+        self.retried += len(done)
+        acked = {id(d) for d, _ in done}
+        for d, ev, attempt, m in retries:
+            if id(d) in acked:
                 log.info("event %s failed attempt %d; retry in %d ms", ev.id, attempt, m.expiration_ms or 0)
-            else:
-                self._ledger.set_attempts(self._key(d, ev), attempt)
-                self._reject(d, requeue=True)
-        if len(confirmed) < len(retries):
+        for d, ev in rest:
+            self._ledger.set_attempts(self._key(d, ev), attempts[id(d)])
+            self._reject(d, requeue=True)
+        return not rest
+
+    def _copy_then_ack(
+        self, exchange: str, items: list[tuple[Delivery, Event, Message]], outcome: str
+    ) -> tuple[list[tuple[Delivery, Event]], list[tuple[Delivery, Event]]]:
+        """Publish a copy of each delivery to ``exchange``; ack the deliveries whose copy the broker
+        confirmed (counted as ``outcome``). Returns (acked, unconfirmed); the caller requeues the
+        unconfirmed ones (nothing lost: a copy that did arrive is a harmless duplicate)."""
+        outcomes = self._confirmed(exchange, [m for *_, m in items], f"{outcome} events")
+        done = [(d, ev) for (d, ev, _), o in zip(items, outcomes) if o is Outcome.ACK]
+        rest = [(d, ev) for (d, ev, _), o in zip(items, outcomes) if o is not Outcome.ACK]
+        if done:
+            self.consumer.ack([d for d, _ in done])
+            self._settled.update(id(d) for d, _ in done)
+            if self.metrics is not None:
+                self.metrics.outcome(outcome, len(done))
+        if rest:
             self.publish_failures += 1
-            log.warning("%d retries not confirmed (%s); requeued instead",
-                        len(retries) - len(confirmed), sorted({o.value for o in outcomes if o is not Outcome.ACK}))
+            log.warning("%d %s copies not confirmed by %s (%s); requeued instead", len(rest), outcome, exchange,
+                        sorted({o.value for o in outcomes if o is not Outcome.ACK}))
             self._backoff()
-            return False
-        return True
+        return done, rest
+
+    # ------------------------------------------------------------------ deadline (scoring.late_after)
+    def _age_ms(self, d: Delivery, now_ms: float) -> float:
+        """Milliseconds since the relay published ``d`` (``-inf`` without the relay's stamp)."""
+        stamp = _int_header(d.headers, PUBLISHED_AT_HEADER)
+        return now_ms - stamp if stamp > 0 else -math.inf
+
+    def _divert_late(self, todo: list[tuple[Delivery, Event]]) -> list[tuple[Delivery, Event]]:
+        """Route events past the deadline to the late exchange (confirmed, then acked); the rest back.
+
+        An unconfirmed late copy requeues its delivery (nothing lost; a duplicate in the late queue
+        carries the same message id).
+        """
+        assert self.late_after is not None
+        now_ms = self._clock().timestamp() * 1000.0
+        limit = self.late_after * 1000.0
+        late = [(d, ev, age) for d, ev in todo if (age := self._age_ms(d, now_ms)) > limit]
+        if not late:
+            return todo
+        messages = []
+        for d, ev, age in late:
+            headers = {k: v for k, v in d.headers.items() if k not in _BROKER_HEADERS}
+            headers[LATE_BY_HEADER] = int(age - limit)
+            messages.append(Message(body=d.body, routing_key=ev.type, message_id=d.message_id or ev.id,
+                                    headers=headers, content_type=d.content_type or "application/cloudevents+json"))
+        done, rest = self._copy_then_ack(
+            self.topology.late_exchange, [(d, ev, m) for (d, ev, _), m in zip(late, messages)], "late"
+        )
+        self.late += len(done)
+        for d, ev in done:
+            self._ledger.forget(self._key(d, ev))
+        if done:
+            log.info("%d events past the %g s deadline routed to %s", len(done), self.late_after,
+                     self.topology.late_exchange)
+        for d, ev in rest:
+            self._requeue_untried(d, ev)
+        gone = {id(d) for d, _, _ in late}
+        return [(d, ev) for d, ev in todo if id(d) not in gone]
+
+    def _park(self, untried: list[tuple[Delivery, Event]]) -> bool:
+        """While the breaker is open and no fallback scores: park each event in a retry level until
+        the breaker's trial or its deadline, whichever is first. Not an attempt (``x-gw-attempts``
+        and the retry window stay as they are); confirmed copies are acked, the rest requeued."""
+        assert self.late_after is not None
+        now_ms = self._clock().timestamp() * 1000.0
+        trial_ms = max(self._retry_after, 0.0) * 1000.0
+        parked: list[tuple[Delivery, Event, Message]] = []
+        for d, ev in untried:
+            until_late = self.late_after * 1000.0 - self._age_ms(d, now_ms)  # +inf without a stamp
+            delay_ms = math.ceil(max(_MIN_PARK_MS, min(trial_ms, until_late + 1.0)))
+            level = self.topology.retry_level(delay_ms)
+            if level is None:  # no retry level declared (max_attempts 1): hand it back instead
+                self._requeue_untried(d, ev)
+                continue
+            queue_name, ttl_ms = level
+            headers = {k: v for k, v in d.headers.items() if k not in _BROKER_HEADERS}
+            headers[PARKED_HEADER] = _int_header(d.headers, PARKED_HEADER) + 1
+            parked.append((d, ev, Message(
+                body=d.body, routing_key=queue_name, message_id=d.message_id or ev.id, headers=headers,
+                content_type=d.content_type or "application/cloudevents+json", expiration_ms=min(ttl_ms, delay_ms),
+            )))
+        if not parked:
+            return True
+        done, rest = self._copy_then_ack(self.topology.retry_exchange, parked, "parked")
+        self.parked += len(done)
+        for d, ev in rest:
+            self._requeue_untried(d, ev)
+        return not rest
 
     def _hand_back(self, untried: list[tuple[Delivery, Event]]) -> None:
         """Requeue deliveries the breaker kept from the model: not an attempt."""

@@ -1,5 +1,6 @@
-"""The gateway store: outbox, cursors and leases, source status, scores and dead letters (SQLAlchemy + Alembic)."""
+"""The gateway store: outbox, cursors and leases, source status, scores, dead letters and model checkpoints (SQLAlchemy + Alembic)."""
 
+from gateway.store.checkpoints import CheckpointMeta, ModelCheckpointRepository
 from gateway.store.engine import engine_from_settings, make_engine
 from gateway.store.leases import LeaseRepository
 from gateway.store.repository import (
@@ -20,11 +21,13 @@ from gateway.store.status import (
 
 __all__ = [
     "AcceptResult",
+    "CheckpointMeta",
     "CursorState",
     "DeadLetter",
     "EventFilter",
     "EventStore",
     "LeaseRepository",
+    "ModelCheckpointRepository",
     "OutboxRow",
     "ScoreRecord",
     "SourceStatusRepository",

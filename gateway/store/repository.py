@@ -34,6 +34,7 @@ from gateway.events.jsonsafe import loads
 from gateway.store._sql import guard as _guard
 from gateway.store._sql import insert_ignore as _insert_ignore
 from gateway.store.attempts import ScoringAttemptRepository
+from gateway.store.checkpoints import ModelCheckpointRepository
 from gateway.store.leases import LeaseRepository
 from gateway.store.shadow import ShadowRepository
 from gateway.store.schema import (
@@ -236,11 +237,14 @@ def _outbox_rows(batch: Iterable[Event], source_name: str | None, now: datetime)
         })
     return rows
 
-class EventStore(SourceStatusRepository, LeaseRepository, ScoringAttemptRepository, ShadowRepository):
+class EventStore(
+    SourceStatusRepository, LeaseRepository, ScoringAttemptRepository, ShadowRepository, ModelCheckpointRepository
+):
     """Repository over the gateway store (source status methods: :class:`SourceStatusRepository`;
     source leases: :class:`~gateway.store.leases.LeaseRepository`; scoring attempts:
     :class:`~gateway.store.attempts.ScoringAttemptRepository`; the shadow comparison:
-    :class:`~gateway.store.shadow.ShadowRepository`).
+    :class:`~gateway.store.shadow.ShadowRepository`; model checkpoints:
+    :class:`~gateway.store.checkpoints.ModelCheckpointRepository`).
 
     Args:
         engine: SQLAlchemy engine of the store (migrated to head).

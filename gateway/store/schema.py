@@ -15,22 +15,24 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
+from sqlalchemy.dialects import mysql
 
 from gateway.store.types import UTCDateTime
 
 __all__ = [
-    "metadata",
-    "events",
-    "source_cursors",
-    "source_status",
-    "source_runners",
-    "scores",
-    "dead_letters",
-    "scoring_attempts",
+    "DESIRED_PAUSED",
+    "DESIRED_RUNNING",
     "EVENT_PENDING",
     "EVENT_PUBLISHED",
-    "DESIRED_RUNNING",
-    "DESIRED_PAUSED",
+    "dead_letters",
+    "events",
+    "metadata",
+    "model_checkpoints",
+    "scores",
+    "scoring_attempts",
+    "source_cursors",
+    "source_runners",
+    "source_status",
 ]
 
 metadata = MetaData(
@@ -156,6 +158,22 @@ scoring_attempts = Table(
     Column("event_id", String(64), primary_key=True),
     Column("attempts", Integer, nullable=False, comment="Started attempts that did not finish"),
     Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+#: Checkpoints of stateful models' learned state (``gateway.store.checkpoints``): one row per model
+#: version and writing scorer process; a restarting process loads the most-informed row.
+#: ``state`` can be several MB (a model that learned many categorical values): LONGTEXT on
+#: MariaDB/MySQL, whose TEXT stops at 64 KB.
+model_checkpoints = Table(
+    "model_checkpoints",
+    metadata,
+    Column("model_name", String(128), primary_key=True),
+    Column("model_version", String(64), primary_key=True),
+    Column("instance", String(128), primary_key=True, comment="The writing scorer process (hostname-pid-id)"),
+    Column("state", Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb"), nullable=False,
+           comment="The model's state_dict() as JSON"),
+    Column("events_seen", BigInteger, nullable=False, comment="Events the state has learned from"),
+    Column("saved_at", UTCDateTime(), nullable=False),
 )
 
 #: Poison messages and records parked for inspection and replay (``gateway.deadletters``). A row

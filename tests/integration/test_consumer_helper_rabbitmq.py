@@ -27,7 +27,7 @@ from gateway.config import BusSettings
 from gateway.consumer import ScoredEvent, ScoredEventConsumer
 from gateway.events import Event
 from gateway.events.scored import scored_event
-from tests.rabbit import delete_broker_objects
+from tests.rabbit import delete_broker_objects, queue_depth
 
 pytestmark = pytest.mark.integration
 
@@ -100,14 +100,6 @@ def wait_until(cond: Callable[[], bool], timeout: float = 20.0, what: str = "") 
         time.sleep(0.05)
 
 
-def depth(amqp_url: str, queue: str) -> int:
-    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
-    try:
-        return int(conn.channel().queue_declare(queue, passive=True).method.message_count)
-    finally:
-        conn.close()
-
-
 def close_connection_named(name: str) -> int:
     """Force-close, from the broker, the connections whose client-provided name is ``name``."""
     out = subprocess.run(
@@ -162,7 +154,7 @@ def test_handlers_receive_exactly_the_types_their_patterns_match(
     assert sorted(orders) == ["acme.order.cancelled", "acme.order.created"]
     assert limits == ["com.acme.cards.limit"]  # once per queue, although two bindings match
     assert app.stats.acked == 4 and app.stats.handler_calls == 5
-    assert depth(amqp_url, queue) == 0 and depth(amqp_url, f"{queue}.dead") == 0
+    assert queue_depth(amqp_url, queue) == 0 and queue_depth(amqp_url, f"{queue}.dead") == 0
 
 
 def test_failing_handler_is_retried_then_acked_or_dead_lettered(
@@ -181,12 +173,12 @@ def test_failing_handler_is_retried_then_acked_or_dead_lettered(
     with started(app):
         assert publish(gateway_bus, [scored(1, "com.acme.x"), scored(2, "com.acme.y")]) == [Outcome.ACK] * 2
         wait_until(lambda: app.stats.acked == 1 and app.stats.dead_lettered == 1, what="ack and dead letter")
-        wait_until(lambda: depth(amqp_url, f"{queue}.dead") == 1, what="the dead letter")
+        wait_until(lambda: queue_depth(amqp_url, f"{queue}.dead") == 1, what="the dead letter")
         time.sleep(0.5)
     assert counts["flaky"] == [0, 1, 2]  # the broker's x-delivery-count: three deliveries, then acked
     assert counts["broken"] == [0, 1, 2]  # max_attempts deliveries, then the dead queue
     assert app.stats.retried == 4
-    assert depth(amqp_url, queue) == 0
+    assert queue_depth(amqp_url, queue) == 0
 
 
 def test_poison_body_goes_to_the_consumers_dead_queue(
@@ -216,7 +208,7 @@ def test_poison_body_goes_to_the_consumers_dead_queue(
         assert death["queue"] == queue and death["reason"] == "rejected"
     finally:
         conn.close()
-    assert depth(amqp_url, queue) == 0
+    assert queue_depth(amqp_url, queue) == 0
 
 
 def test_survives_a_forced_connection_close(
@@ -235,7 +227,7 @@ def test_survives_a_forced_connection_close(
         assert publish(gateway_bus, [scored(n, "com.acme.b") for n in range(2, 7)]) == [Outcome.ACK] * 5
         wait_until(lambda: app.stats.acked == 6, what="the messages after the cut")
     assert sorted(got) == [f"transaction/{n}" for n in range(1, 7)]
-    assert depth(amqp_url, queue) == 0
+    assert queue_depth(amqp_url, queue) == 0
 
 
 def test_run_blocks_until_stop_and_stops_gracefully(
@@ -270,4 +262,4 @@ def test_run_blocks_until_stop_and_stops_gracefully(
         release.set()
         app.stop()
     assert len(done) == 1 and app.stats.acked == 1
-    wait_until(lambda: depth(amqp_url, queue) == 2, what="the two untouched messages back in the queue")
+    wait_until(lambda: queue_depth(amqp_url, queue) == 2, what="the two untouched messages back in the queue")

@@ -18,7 +18,7 @@ from gateway.events import Event, event_id
 from gateway.runtime import Gateway
 from gateway.store import EventStore, make_engine
 from gateway.store.schema import EVENT_PUBLISHED, events
-from tests.rabbit import delete_broker_objects
+from tests.rabbit import delete_broker_objects, queue_depth
 
 pytestmark = pytest.mark.integration
 
@@ -67,14 +67,6 @@ def gateway(pg_db_url: str, amqp_url: str, bus_prefix: str) -> Iterator[Gateway]
 def other_process_store(gw: Gateway) -> EventStore:
     """A second engine on the same store, as a `gateway dead-letters replay` process has."""
     return EventStore(make_engine(gw.store.engine.url.render_as_string(hide_password=False)))
-
-
-def dlq_depth(amqp_url: str, queue: str) -> int:
-    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
-    try:
-        return int(conn.channel().queue_declare(queue, passive=True).method.message_count)
-    finally:
-        conn.close()
 
 
 def scored(gw: Gateway) -> int:
@@ -155,7 +147,7 @@ def test_the_dlq_drain_stores_each_broker_dead_letter_once_and_replay_scores_it(
     assert d.headers is not None and d.headers["x-death"][0]["queue"] == topo.scoring_queue and d.headers["origin"] == "test"
     (poison,) = gw.store.list_dead_letters(stage="scoring")
     assert poison.event_id == "poison-1" and gw.drain.stats.duplicates == 2
-    wait(lambda: dlq_depth(amqp_url, topo.dead_letter_queue) == 0, 10, "an empty DLQ")
+    wait(lambda: queue_depth(amqp_url, topo.dead_letter_queue) == 0, 10, "an empty DLQ")
 
     # Replaying the broker dead letter accepts the event; the relay and the scorer take it from there.
     report = DeadLetterReplayer(gw.store, rate=None, on_replayed=gw.wake_relay).replay(DeadLetterSelection(ids=(d.id,)))
@@ -167,5 +159,5 @@ def test_the_dlq_drain_stores_each_broker_dead_letter_once_and_replay_scores_it(
     assert item.outcome == "failed" and "not a CloudEvent" in item.detail
 
     gw.stop()  # unacked messages would return to the queue now: there are none
-    assert dlq_depth(amqp_url, topo.dead_letter_queue) == 0
+    assert queue_depth(amqp_url, topo.dead_letter_queue) == 0
     assert len(gw.store.list_dead_letters(stage="broker")) == 1

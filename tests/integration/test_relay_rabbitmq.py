@@ -35,7 +35,7 @@ def test_unroutable_events_stay_pending_then_publish_once_routable(
     bus.declare_topology()
     publisher = bus.publisher()
     # No queue bound for the events any more: every publish is returned (mandatory).
-    ch.queue_unbind(topo.scoring_queue, topo.events_exchange, "#")
+    ch.exchange_unbind(topo.router_exchange, topo.events_exchange, "#")
     try:
         pg_store.accept(_events(20), source_name="s")
         relay = Relay(pg_store, publisher, topo, RelaySettings(retry_base_delay=0.001, retry_max_delay=0.001),
@@ -43,7 +43,7 @@ def test_unroutable_events_stay_pending_then_publish_once_routable(
         assert relay.run_once() == 20
         assert pg_store.stats()["pending"] == 20 and pg_store.stats()["published"] == 0
         assert relay.stats.returned == 20  # the alert counter
-        ch.queue_bind(topo.scoring_queue, topo.events_exchange, "#")  # routable again
+        ch.exchange_bind(topo.router_exchange, topo.events_exchange, "#")  # routable again
         for _ in range(50):
             relay.run_once()
             if pg_store.stats()["published"] == 20:

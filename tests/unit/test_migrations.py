@@ -147,16 +147,12 @@ def test_0004_adds_replay_state_to_a_0003_store(empty_db_url: str) -> None:
         engine.dispose()
 
 
-def test_0005_adds_scoring_attempts_and_head_matches_the_schema(empty_db_url: str) -> None:
+def test_0005_adds_scoring_attempts_to_a_0004_store(empty_db_url: str) -> None:
     engine = make_engine(empty_db_url)
     try:
         upgrade(engine, "0004")
-        upgrade(engine)
+        upgrade(engine, "0005")
         assert current_revision(engine) == "0005"
-        # The revisions create exactly what schema.py declares.
-        with engine.connect() as conn:
-            diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
-        assert diff == []
         store = EventStore(engine)
         assert store.begin_scoring_attempts(["e-1", "e-2"]) == {"e-1": 1, "e-2": 1}
         assert store.begin_scoring_attempts(["e-1", "e-1"]) == {"e-1": 2}
@@ -164,7 +160,31 @@ def test_0005_adds_scoring_attempts_and_head_matches_the_schema(empty_db_url: st
         assert store.scoring_attempts(["e-1", "e-2"]) == {"e-1": 2}
         _downgrade(engine, "0004")
         assert "scoring_attempts" not in inspect(engine).get_table_names()
-        upgrade(engine)
+        upgrade(engine, "0005")
         assert store.scoring_attempts(["e-1"]) == {}
+    finally:
+        engine.dispose()
+
+
+def test_0006_adds_model_checkpoints_and_head_matches_the_schema(empty_db_url: str) -> None:
+    engine = make_engine(empty_db_url)
+    try:
+        upgrade(engine, "0005")
+        store = EventStore(engine)
+        store.begin_scoring_attempts(["e-1"])
+        upgrade(engine)
+        assert current_revision(engine) == "0006"
+        # The revisions create exactly what schema.py declares.
+        with engine.connect() as conn:
+            diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
+        assert diff == []
+        assert store.scoring_attempts(["e-1"]) == {"e-1": 1}
+        store.save_model_checkpoint("m", "1", "h-1-a", {"events_seen": 3}, 3)
+        assert store.load_model_checkpoint("m", "1")[1].events_seen == 3  # type: ignore[index]
+        _downgrade(engine, "0005")
+        assert "model_checkpoints" not in inspect(engine).get_table_names()
+        assert store.scoring_attempts(["e-1"]) == {"e-1": 1}
+        upgrade(engine)
+        assert store.load_model_checkpoint("m", "1") is None
     finally:
         engine.dispose()

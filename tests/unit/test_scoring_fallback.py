@@ -157,6 +157,34 @@ def test_primary_recovers_through_a_half_open_trial(bus_prefix: str, sqlite_stor
     assert rig.depth() == 0 and rig.dead() == 0 and rig.consumer.prefetch == 32
 
 
+def test_a_breaker_reset_while_a_batch_is_taken_gives_that_batch_to_the_primary(
+    bus_prefix: str, sqlite_store: EventStore
+) -> None:
+    """The breaker is asked before the batch is fetched; if it closes during the fetch (an operator
+    reset, or the wait ending), the batch goes to the primary, not to the fallback."""
+    fb = Fallback()
+    rig = Rig(bus_prefix, sqlite_store, fallback=fb)
+    rig.send(make_events(5))
+    rig.worker.process_once(0.0)
+    rig.advance(2.5)
+    rig.run_until_idle()
+    assert rig.breaker.state is BreakerState.OPEN and rig.worker.fallback_scored == 5
+    rig.model.down = False
+    fresh = make_events(5, start=100)
+    rig.send(fresh)
+    fetch = rig.consumer.get_batch
+
+    def fetch_while_an_operator_resets(*args: object) -> object:
+        rig.breaker.reset()
+        return fetch(*args)  # type: ignore[arg-type]
+
+    rig.consumer.get_batch = fetch_while_an_operator_resets  # type: ignore[method-assign]
+    fb_calls = len(fb.calls)
+    assert rig.worker.process_once(0.0) == 5
+    assert len(fb.calls) == fb_calls and rig.model.scored == {e.id: 1 for e in fresh}
+    assert all(se.data["model"]["name"] == "ext-model" for se in rig.published()[-5:])
+
+
 def test_a_failing_fallback_pauses_intake_as_without_one(bus_prefix: str, sqlite_store: EventStore) -> None:
     fb = Fallback()
     fb.broken = True
