@@ -820,8 +820,8 @@ def demo(
     if why_not is None:
         typer.echo(f"  legacy queue: EBCDIC fixed-width bookings on {DEMO_QUEUE} (RabbitMQ at {_host_of(legacy_amqp_url)})")
     else:
-        typer.echo(f"  legacy queue: skipped, no RabbitMQ answers at {_host_of(legacy_amqp_url)} ({why_not}); "
-                   "set --legacy-amqp-url to include it")
+        typer.echo(f"  legacy queue: skipped, the legacy RabbitMQ at {_host_of(legacy_amqp_url)} is not usable "
+                   f"({why_not}); set --legacy-amqp-url to include it")
     settings = _settings(
         None, **demo_settings(folder, port=port, store_url=store_url, amqp_url=amqp_url, soap_wsdl=sim.wsdl_url,
                               legacy_amqp_url=legacy_amqp_url if why_not is None else None)
@@ -891,7 +891,11 @@ def _host_of(url: str) -> str:
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
-    return f"{parts.hostname}:{parts.port or 5672}"
+    try:
+        port = parts.port or 5672
+    except ValueError:  # not a number: say what was given, do not crash the demo on it
+        return f"{parts.hostname or '?'} (invalid port)"
+    return f"{parts.hostname or '?'}:{port}"
 
 
 def _why(gw: Any, event_id: str) -> str:

@@ -8,10 +8,11 @@ top-scored events, and stops by itself after ``--seconds`` or on Ctrl-C.
 
 from __future__ import annotations
 
+import logging
 import random
 import secrets
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,7 @@ def create_legacy_db(url: str, rows: int, seed: int = 7) -> int:
     _META.drop_all(engine)
     _META.create_all(engine)
     rng = random.Random(seed)
-    start = datetime.now(timezone.utc) - timedelta(hours=2)
+    start = datetime.now(UTC) - timedelta(hours=2)
     with engine.begin() as conn:
         batch = [_row(rng, i, start + timedelta(milliseconds=i * 500)) for i in range(1, rows + 1)]
         conn.execute(insert(TRANSACTIONS), batch)
@@ -111,7 +112,7 @@ class LegacyWriter:
         """Write until ``stop`` is set."""
         while not stop.wait(0.25):
             n = max(1, int(self._rate / 4))
-            now = datetime.now(timezone.utc)
+            now = datetime.now(UTC)
             with self._engine.begin() as conn:
                 conn.execute(insert(TRANSACTIONS), [_row(self._rng, self._next + i, now) for i in range(n)])
                 if self._rng.random() < 0.5 and self._next > 10:
@@ -136,7 +137,7 @@ def start_soap_service(orders: int, seed: int = 13) -> Any:
 
     sim = SoapSimulator().start()
     rng = random.Random(seed)
-    start = datetime.now(timezone.utc) - timedelta(hours=1)
+    start = datetime.now(UTC) - timedelta(hours=1)
     for i in range(1, orders + 1):
         sim.upsert(_order(rng, i, start + timedelta(seconds=i)))
     return sim
@@ -165,12 +166,12 @@ class SoapOrderWriter:
         while not stop.wait(0.5):
             # Each change gets its own timestamp, as a service's "last changed" column does.
             for _ in range(max(1, int(self._rate / 2))):
-                self._sim.upsert(_order(self._rng, self._next, datetime.now(timezone.utc)))
+                self._sim.upsert(_order(self._rng, self._next, datetime.now(UTC)))
                 self._next += 1
                 self.written += 1
             if self._rng.random() < 0.5 and self._next > 10:
                 victim = self._rng.randint(1, self._next - 1)
-                self._sim.update(victim, status="SHIPPED", updated_at=datetime.now(timezone.utc))
+                self._sim.update(victim, status="SHIPPED", updated_at=datetime.now(UTC))
                 self.updated += 1
 
 
@@ -182,22 +183,34 @@ _BOOKING_LAYOUT = {
 }
 
 
-def legacy_queue_reachable(url: str, timeout: float = 1.0) -> str | None:
-    """``None`` when a broker answers at ``url`` (and the demo queue is ready), else why not."""
+def legacy_queue_reachable(url: str, timeout: float = 1.0, queue: str = DEMO_QUEUE) -> str | None:
+    """``None`` when a broker answers at ``url`` and ``queue`` is declared and emptied, else why not.
+
+    Never raises for a broker that is missing or refuses: the demo then skips its queue source.
+    """
     import pika
     import pika.exceptions
 
-    params = pika.URLParameters(url)
+    try:
+        params = pika.URLParameters(url)
+    except ValueError as exc:
+        return f"invalid URL: {exc}"
     params.socket_timeout = params.blocked_connection_timeout = timeout
+    params.stack_timeout = timeout + 1.0
     params.connection_attempts = 1
     try:
         conn = pika.BlockingConnection(params)
     except (pika.exceptions.AMQPError, OSError) as exc:
         return f"{type(exc).__name__}"
-    ch = conn.channel()
-    ch.queue_declare(DEMO_QUEUE, durable=True)
-    ch.queue_purge(DEMO_QUEUE)
-    conn.close()
+    try:
+        ch = conn.channel()
+        ch.queue_declare(queue, durable=True)
+        ch.queue_purge(queue)
+    except pika.exceptions.AMQPError as exc:  # e.g. the queue exists with other arguments, or no permission
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        if conn.is_open:
+            conn.close()
     return None
 
 
@@ -344,8 +357,8 @@ def delete_topology(amqp_url: str, topology: Any) -> None:
             ch.queue_delete(spec.name)
         for name, _kind in topology.exchanges():
             ch.exchange_delete(name)
-    except Exception:  # noqa: BLE001 -- best effort
-        pass
+    except Exception as exc:  # noqa: BLE001 -- best effort
+        logging.getLogger("gateway.demo").debug("demo topology not deleted: %s", type(exc).__name__)
     finally:
         if conn.is_open:
             conn.close()

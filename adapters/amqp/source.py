@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from adapters.base import Batch, PollingSource, Record, Reject, SourceConfig
 from gateway.bus.errors import classify_pika_error
 from gateway.bus.pika_consumer import PikaConsumer
-from gateway.bus.pika_params import connection_parameters
+from gateway.bus.pika_params import connection_parameters, redact
 from gateway.bus.protocols import Delivery
 from gateway.bus.topology import DeclaredTopology, QueueSpec
 from gateway.codecs import Codec, DecodeError, codec_from_config
@@ -85,9 +85,14 @@ class AmqpSourceConfig(SourceConfig):
     @field_validator("url")
     @classmethod
     def _amqp_url(cls, v: SecretStr) -> SecretStr:
-        scheme = v.get_secret_value().split(":", 1)[0].lower()
+        url = v.get_secret_value()
+        scheme = url.split(":", 1)[0].lower()
         if scheme not in ("amqp", "amqps"):
             raise ValueError(f"expected an amqp:// or amqps:// URL, got scheme {scheme!r}")
+        try:
+            pika.URLParameters(url)  # a bad port or query parameter is a configuration error now, not at connect
+        except Exception as exc:  # noqa: BLE001 -- pika raises ValueError/TypeError naming the URL part
+            raise ValueError(f"not a valid AMQP URL: {redact(str(exc), BusSettings(url=v))}") from None
         return v
 
     @field_validator("codec")

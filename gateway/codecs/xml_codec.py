@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import codecs
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
@@ -220,9 +221,26 @@ class XmlCodec(Codec):
             element = root if len(steps) == 1 else etree.SubElement(parent, self._tag(steps[-1]))
             try:
                 self._fill(element, record)
+                self._check_names(element)
             except EncodeError as exc:
                 raise EncodeError(exc.reason, record_index=i, field=exc.field) from None
-        return bytes(etree.tostring(root, xml_declaration=True, encoding=self.config.encoding))
+        # Serialised as text and encoded by Python, so every encoding the config accepts works (libxml2
+        # knows neither cp037/cp500 nor aliases such as latin-1); characters the encoding lacks are
+        # written as character references, as libxml2 does. The declaration names Python's canonical
+        # name (latin-1 -> iso8859-1); decode needs a content type's charset for EBCDIC documents.
+        name = codecs.lookup(self.config.encoding).name
+        document = f'<?xml version="1.0" encoding="{name}"?>\n' + etree.tostring(root, encoding="unicode")
+        return document.encode(name, errors="xmlcharrefreplace")
+
+    def _check_names(self, element: Any) -> None:
+        """Element and attribute names must be encodable as they are (a reference is no name)."""
+        encoding = self.config.encoding
+        for el in element.iter():
+            for name in (_local(el.tag), *(_local(a) for a in el.attrib)):
+                try:
+                    name.encode(encoding)
+                except UnicodeEncodeError:
+                    raise EncodeError(f"the name cannot be written in {encoding}", field=name) from None
 
     def _tag(self, name: str) -> str:
         return f"{{{self.config.namespace}}}{name}" if self.config.namespace else name

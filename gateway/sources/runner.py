@@ -49,6 +49,7 @@ so a standby takes over at its next try.
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import os
 import socket
@@ -393,7 +394,7 @@ class SourceRunner:
             except UnicodeDecodeError:
                 payload = base64.b64encode(bytes(payload)).decode("ascii")
                 headers["payload_encoding"] = "base64"
-        return {
+        row = {
             "stage": "source",
             "source_name": self.settings.name,
             "error_class": reject.error_class,
@@ -402,6 +403,10 @@ class SourceRunner:
             "headers": headers,
             "attempts": reject.attempts,
         }
+        if reject.position is not None:  # the legacy record's identity: stored once per error class
+            identity = dumps([self.settings.name, _json_safe(reject.position), reject.error_class])
+            row["dedupe_key"] = hashlib.sha256(identity).hexdigest()
+        return row
 
     def run_once(self) -> Batch:
         """Poll once and commit the batch; returns the batch read.

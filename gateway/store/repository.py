@@ -336,7 +336,16 @@ class EventStore(
                 if rows:
                     inserted = self._insert_events(conn, list(rows.values()))
                 if rejects:
-                    conn.execute(dead_letters.insert(), [self._dead_row(now, **r) for r in rejects])
+                    # A reject with a dedupe key (the source's identity of the legacy record) is
+                    # stored once: a record redelivered after a crash between this commit and the
+                    # legacy ack must not become a second dead letter.
+                    dead = [self._dead_row(now, **r) for r in rejects]
+                    keyed = [r for r in dead if r.get("dedupe_key")]
+                    plain = [r for r in dead if not r.get("dedupe_key")]
+                    if plain:
+                        conn.execute(dead_letters.insert(), plain)
+                    for row in {r["dedupe_key"]: r for r in keyed}.values():
+                        conn.execute(_insert_ignore(conn, dead_letters, ["dedupe_key"]).values(**row))
                 if write_cursor:
                     if source_name is None:
                         raise ValueError("write_cursor needs source_name")

@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
-from typing import Any
+from typing import Any, Self
 
 import pika
 import pytest
@@ -126,7 +126,7 @@ class Running:
         self.stop = threading.Event()
         self.thread = threading.Thread(target=runner.run, args=(self.stop,), daemon=True)
 
-    def __enter__(self) -> Running:
+    def __enter__(self) -> Self:
         self.thread.start()
         return self
 
@@ -158,23 +158,36 @@ def test_20000_mixed_messages_with_poison_and_a_broker_restart_become_20000_even
     mixed = [m for pair in zip(messages, bad) for m in pair] + messages[len(bad):]
     publish(amqp_url, legacy_queue, mixed)
     runner = make_runner(sqlite_store, legacy_config(amqp_url, legacy_queue))
+    adapter: AmqpSource = runner.adapter  # type: ignore[assignment]
     with Running(runner):
-        wait_for(lambda: sqlite_store.stats()["events"] >= 5_000, 120, "5,000 events")
+        # rabbitmqctl takes a second or two to act, and the source keeps committing meanwhile: asked at
+        # 2,000 events the broker went down at about 12,000 (at 5,000: about 18,500) of the 20,000.
+        wait_for(lambda: sqlite_store.stats()["events"] >= 2_000, 120, "2,000 events")
         rabbitmqctl("stop_app")  # mid-way: the consumer loses its connection
         time.sleep(2)
+        during_outage = sqlite_store.stats()["events"]
+        consumer = adapter._consumer
+        assert consumer is not None and not consumer.ready  # it noticed the loss
         rabbitmqctl("start_app")
         rabbitmqctl("await_startup")  # fully up before later tests use the broker
         wait_for(lambda: sqlite_store.stats()["events"] >= 20_000 and sqlite_store.stats()["dead_letters"] >= 100,
                  240, "every event and dead letter after the restart")
         wait_for(lambda: queue_counts(amqp_url, legacy_queue)[0] == 0, 30, "an empty legacy queue")
+        # The same consumer reconnected by itself: nothing in this test re-opened it.
+        assert adapter._consumer is consumer and consumer.connects >= 2 and consumer.liveness()[0]
+    # The restart really was mid-run: records were still to come while the broker was down.
+    assert during_outage < 20_000, during_outage
     ids = stored_ids(sqlite_store)
     assert len(ids) == 20_000 and sorted(ids) == list(range(1, 20_001))  # each once
     dead = sqlite_store.list_dead_letters(limit=1000)
-    assert len(dead) == 100 and all(d.stage == "source" and d.error_class == "DecodeError" for d in dead)
-    sample = dead[0]
-    assert sample.payload is not None and '"broken' in sample.payload  # the raw body is kept
-    assert sample.headers is not None and sample.headers.get("message_id", "").startswith("bad-")
-    assert "JSON" in sample.reason or "json" in sample.reason
+    raw = {mid: body for body, _ctype, mid in bad}
+    assert len(dead) == 100 and sorted(d.headers["message_id"] for d in dead if d.headers) == sorted(raw)  # each once
+    for d in dead:
+        assert d.stage == "source" and d.error_class == "DecodeError"  # never DeliveryLimitExceeded here
+        assert d.headers is not None and d.payload == raw[d.headers["message_id"]].decode()  # the raw body, exactly
+        assert d.headers["content_type"] == "application/json" and d.headers["position"]["queue"] == legacy_queue
+        assert "legacy-queue" in d.reason and ("JSON" in d.reason or "json" in d.reason)  # the error, named
+        assert 1 <= d.attempts <= 3  # never delivered more often than delivery_limit
 
 
 @pytest.fixture
@@ -260,9 +273,14 @@ def test_a_crash_between_the_outbox_commit_and_the_ack_leaves_each_event_once(
 def test_the_legacy_topology_is_left_alone_and_a_missing_queue_is_a_configuration_error(
     sqlite_store: EventStore, amqp_url: str
 ) -> None:
-    runner = make_runner(sqlite_store, legacy_config(amqp_url, f"no-such-queue-{uuid.uuid4().hex[:6]}"))
-    with pytest.raises(ConfigurationError, match="does not exist on the legacy broker"):
+    missing = f"no-such-queue-{uuid.uuid4().hex[:6]}"
+    runner = make_runner(sqlite_store, legacy_config(amqp_url, missing))
+    with pytest.raises(ConfigurationError, match=f"config.queue: queue '{missing}' does not exist on the legacy broker"):
         runner.adapter.open()
+    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker, match="NOT_FOUND"):
+        conn.channel().queue_declare(missing, passive=True)  # the gateway did not create it
+    conn.close()
 
 
 def test_declare_creates_the_configured_queue_and_binding(sqlite_store: EventStore, amqp_url: str) -> None:
@@ -285,3 +303,18 @@ def test_declare_creates_the_configured_queue_and_binding(sqlite_store: EventSto
         ch.queue_delete(name)
         ch.exchange_delete(f"{name}.x")
         conn.close()
+
+
+def test_manual_acks_and_prefetch_bound_what_the_source_holds(sqlite_store: EventStore, amqp_url: str, legacy_queue: str) -> None:
+    """The broker sends at most ``prefetch`` unacked messages; none is acked before a commit."""
+    publish(amqp_url, legacy_queue, [(json.dumps({"id": i}).encode(), "application/json", f"m-{i}") for i in range(50)])
+    runner = make_runner(sqlite_store, legacy_config(amqp_url, legacy_queue, prefetch=7, batch_size=100))
+    adapter: AmqpSource = runner.adapter  # type: ignore[assignment]
+    try:
+        batch = adapter.fetch(None, 100)
+        assert len(batch.records) == 7  # the batch is cut at the prefetch
+        wait_for(lambda: queue_counts(amqp_url, legacy_queue)[0] == 43, 10, "43 ready, 7 unacked")
+    finally:
+        adapter.close()  # never committed: the 7 go back to the queue
+    wait_for(lambda: queue_counts(amqp_url, legacy_queue)[0] == 50, 10, "all 50 ready again")
+    assert sqlite_store.stats()["events"] == 0

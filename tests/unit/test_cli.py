@@ -123,6 +123,14 @@ def test_sources_test_is_a_dry_run(tmp_path: Path) -> None:
 
 def test_demo_says_it_skips_the_queue_source_without_a_rabbitmq(tmp_path: Path) -> None:
     text = _demo(tmp_path, "--legacy-amqp-url", "amqp://guest:guest@127.0.0.1:1/%2F")
-    assert "legacy queue: skipped, no RabbitMQ answers at 127.0.0.1:1" in text
+    assert "legacy queue: skipped, the legacy RabbitMQ at 127.0.0.1:1 is not usable" in text
     assert "mainframe-bookings" not in text.split("Events per source:")[1].splitlines()[0]
     _check_demo_output(text)
+
+
+def test_demo_host_formatting_survives_an_invalid_port() -> None:
+    from gateway.cli import _host_of
+
+    assert _host_of("amqp://guest:secret@mq.example:5673/%2F") == "mq.example:5673"
+    assert _host_of("amqp://guest:secret@mq.example/%2F") == "mq.example:5672"
+    assert _host_of("amqp://guest:secret@mq.example:notaport/") == "mq.example (invalid port)"
