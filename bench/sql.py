@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 import uuid
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +144,7 @@ def path_raw(legacy: str, batch: int, as_dicts: bool) -> int:
 def path_raw_outbox(legacy: str, store_url: str, batch: int) -> int:
     """Raw keyset fetch + hand-written id and envelope + COPY into the outbox table."""
     import uuid as uuid_
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     import orjson
     import psycopg
@@ -156,7 +157,7 @@ def path_raw_outbox(legacy: str, store_url: str, batch: int) -> int:
     ns = uuid_.UUID("6f1b8a1e-4c1e-5d6b-9a47-1e6c0b9d2a10")
     copy = ("COPY events (id, source_name, type, subject, time, envelope, status, attempts, accepted_at) "
             "FROM STDIN")
-    utc = timezone.utc
+    utc = UTC
     total = 0
     out = psycopg.connect(make_url(store_url).set(drivername="postgresql").render_as_string(hide_password=False))
     with engine.connect() as conn:
@@ -314,6 +315,9 @@ def main() -> None:
           f"**{rate(gw) / rate(floor):.2f}**; per row: gateway {per_row(gw):.1f} µs, raw to outbox "
           f"{per_row(floor):.1f} µs, raw fetch {per_row(raw):.1f} µs; gateway duplicates "
           f"{gw.get('duplicates')}, rejected {gw.get('rejected')}")
+    for name, r in results.items():
+        if name.startswith("dlt "):
+            print(f"ratio gateway / {name}: **{rate(gw) / rate(r):.2f}** (per row: dlt {per_row(r):.1f} µs)")
 
 
 if __name__ == "__main__":

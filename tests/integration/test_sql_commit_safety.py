@@ -55,6 +55,7 @@ def db(request: pytest.FixtureRequest) -> Iterator[Engine]:
     with engine.begin() as conn:
         conn.execute(text(_TABLE[_family(engine)]))
     yield engine
+    _end_open_transactions()
     engine.dispose()
 
 
@@ -67,6 +68,7 @@ def pg(pg_db_url: str) -> Iterator[Engine]:
         for stmt in _XID_TRIGGER:
             conn.execute(text(stmt))
     yield engine
+    _end_open_transactions()
     engine.dispose()
 
 
@@ -108,12 +110,26 @@ def _insert(conn: Connection, key: int, who: str) -> None:
     conn.execute(text(_INSERT[_family(conn.engine)]), {"id": key, "who": who})
 
 
+#: T1s still open (a test failed before committing): rolled back at teardown, else MariaDB's
+#: DROP DATABASE waits for T1's metadata lock and the failing test hangs instead of failing.
+_OPEN: list[_LateCommit] = []
+
+
+def _end_open_transactions() -> None:
+    while _OPEN:
+        late = _OPEN.pop()
+        if late.tx.is_active:
+            late.tx.rollback()
+        late.t1.close()
+
+
 class _LateCommit:
     """T1 inserts A (id 1) and stays open; T2 inserts B (id 2) a little later and commits."""
 
     def __init__(self, engine: Engine) -> None:
         self.t1 = engine.connect()
         self.tx = self.t1.begin()
+        _OPEN.append(self)
         _insert(self.t1, 1, "T1")
         time.sleep(0.05)  # B's stamp is later than A's
         with engine.begin() as t2:

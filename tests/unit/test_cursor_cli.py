@@ -20,7 +20,7 @@ from gateway.config import load_settings
 from gateway.sources.runner import SourceRunner
 from gateway.store import EventStore, make_engine
 from gateway.store.migrate import upgrade
-from tests.legacy import make_orders, source_settings
+from tests.legacy import add_orders, make_orders, source_settings
 
 cli = CliRunner()
 
@@ -151,13 +151,31 @@ def test_yes_applies_the_move_with_a_new_epoch_and_logs_it(
         result = invoke("sources", "cursor", "orders", "-c", str(cfg), "--reset", "--yes")
     assert result.exit_code == 0, result.output
     assert "dry run" not in result.output and "applied: epoch 2" in result.output
-    assert "rows read again: unknown" in result.output or "rows read again: 5" in result.output  # the SQL adapter's count
+    assert "rows read again: 5" in result.output  # the SQL adapter's count of the 5 legacy rows
     after = store.get_cursor("orders")
     assert after is not None and after.cursor is None and after.epoch == 2
     assert after.lease_owner == "host-a:42:r1"  # the lease stays; its holder is fenced by the epoch
     moved = [r.getMessage() for r in caplog.records if "cursor moved by an operator" in r.getMessage()]
     assert len(moved) == 1 and "'orders'" in moved[0] and "-> null; epoch 1 -> 2" in moved[0]
     assert not store.renew_lease("orders", runner.owner, 1, 30)  # the running runner has lost epoch 1
+
+
+def test_the_sql_adapter_counts_the_preview_exactly(ops: tuple[Path, EventStore, SourceRunner]) -> None:
+    """No stand-in adapter: the configured ``sql`` source counts the rows a move would re-read or skip."""
+    cfg, store, _ = ops
+    before = store.get_cursor("orders")
+    assert before is not None and before.cursor == {"ts": "2024-01-01T12:00:00.005000Z", "key": 5}
+    legacy = make_engine(f"sqlite:///{cfg.parent / 'legacy.db'}")
+    add_orders(legacy, 4, start=6)  # rows 6..9, one millisecond apart, not read yet
+    legacy.dispose()
+    back = invoke("sources", "cursor", "orders", "-c", str(cfg), "--set", '{"ts":"2024-01-01T12:00:00.002000Z","key":2}')
+    assert back.exit_code == 0, back.output
+    assert "rows read again: 3" in back.output and "rows skipped:    0" in back.output  # rows 3, 4, 5
+    ahead = invoke("sources", "cursor", "orders", "-c", str(cfg), "--set", '{"ts":"2024-01-01T12:00:00.008000Z","key":8}')
+    assert "rows read again: 0" in ahead.output and "rows skipped:    3" in ahead.output  # rows 6, 7, 8
+    reset = invoke("sources", "cursor", "orders", "-c", str(cfg), "--reset")
+    assert "rows read again: 5" in reset.output and "dry run, nothing changed" in reset.output
+    assert store.get_cursor("orders") == before  # previews change nothing
 
 
 def test_a_running_runner_re_reads_from_the_moved_cursor_instead_of_overwriting_it(ops: tuple[Path, EventStore, SourceRunner]) -> None:

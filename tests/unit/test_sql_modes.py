@@ -7,8 +7,9 @@ SQLite by default; behaviour that differs per dialect runs on PostgreSQL and Mar
 
 from __future__ import annotations
 
+import base64
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -45,7 +46,7 @@ from gateway.events import format_time
 from gateway.sources.runner import SourceRunner
 from gateway.store import EventFilter, EventStore
 
-T0 = datetime(2024, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
+T0 = datetime(2024, 1, 1, 12, 0, 0, tzinfo=UTC)
 _DT = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 
 META = MetaData()
@@ -64,7 +65,7 @@ ITEMS = Table(
 
 
 def _naive(ts: datetime | None) -> datetime | None:
-    return ts.astimezone(timezone.utc).replace(tzinfo=None) if ts is not None else None
+    return ts.astimezone(UTC).replace(tzinfo=None) if ts is not None else None
 
 
 def make_items(url: str, rows: list[dict[str, Any]] | None = None) -> Engine:
@@ -202,7 +203,7 @@ def test_xid_mode_on_another_database_is_a_configuration_error_at_open(tmp_path)
 
 
 def test_db_clock_offset_is_measured_once_a_minute_and_errs_early() -> None:
-    local = [datetime(2024, 5, 1, 12, 0, 0, tzinfo=timezone.utc)]
+    local = [datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)]
     mono = [0.0]
     db_reads: list[datetime] = []
 
@@ -230,22 +231,22 @@ def test_read_db_clock_is_aware_utc_and_close_to_ours(legacy_url: str) -> None:
     engine = create_engine(legacy_url)
     try:
         with engine.connect() as conn:
-            db_now = read_db_clock(conn, timezone.utc)
+            db_now = read_db_clock(conn, UTC)
         assert db_now.tzinfo is not None and db_now.utcoffset() == timedelta(0)
-        assert abs(db_now - datetime.now(timezone.utc)) < timedelta(seconds=5)
+        assert abs(db_now - datetime.now(UTC)) < timedelta(seconds=5)
     finally:
         engine.dispose()
 
 
 def test_horizon_comes_from_the_database_clock_not_the_gateways(legacy_url: str) -> None:
     """A gateway clock an hour ahead must not open the horizon: the offset to the DB clock is used."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     engine = make_items(legacy_url, [{"id": 1, "ts": now - timedelta(seconds=30)},
                                      {"id": 2, "ts": now - timedelta(seconds=1)}])
     try:
         fast = SqlSource(SqlSource.parse_config({  # type: ignore[arg-type]
             "url": legacy_url, "table": "items", "key_column": "id", "timestamp_column": "ts", "delay_seconds": 10,
-        }), source_name="items", clock=lambda: datetime.now(timezone.utc) + timedelta(hours=1))
+        }), source_name="items", clock=lambda: datetime.now(UTC) + timedelta(hours=1))
         assert ids(fast.fetch(None, 10)) == [1]  # row 2 is younger than the delay by the DB's clock
         fast.close()
     finally:
@@ -255,7 +256,7 @@ def test_horizon_comes_from_the_database_clock_not_the_gateways(legacy_url: str)
 def test_future_stamped_rows_wait_for_their_time_without_delay(url: str) -> None:
     """With delay 0 the horizon is still the DB clock: a row stamped in the future does not pull
     the cursor past rows that will be written before its time."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     engine = make_items(url, [{"id": 1, "ts": now - timedelta(seconds=5)}, {"id": 2, "ts": now + timedelta(hours=1)}])
     src = source(url)
     got, cursor = drain(src)
@@ -316,7 +317,7 @@ def test_mariadb_uses_both_index_columns_for_the_poll(mariadb_db_url: str) -> No
 
 
 def test_overlap_window_emits_a_late_row_once_and_never_moves_the_cursor_back(url: str) -> None:
-    now = datetime.now(timezone.utc) - timedelta(seconds=30)
+    now = datetime.now(UTC) - timedelta(seconds=30)
     engine = make_items(url, rows_at(3, base=now))
     src = source(url, overlap_seconds=10)
     b1 = src.fetch(None, 100)
@@ -337,7 +338,7 @@ def test_overlap_window_emits_a_late_row_once_and_never_moves_the_cursor_back(ur
 
 
 def test_overlap_rows_of_an_uncommitted_batch_are_emitted_again(url: str) -> None:
-    now = datetime.now(timezone.utc) - timedelta(seconds=30)
+    now = datetime.now(UTC) - timedelta(seconds=30)
     engine = make_items(url, rows_at(3, base=now))
     src = source(url, overlap_seconds=10)
     b1 = src.fetch(None, 100)
@@ -354,7 +355,7 @@ def test_overlap_after_a_restart_re_emits_the_window_and_the_store_drops_it(
     sqlite_store: EventStore, url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("adapters.sql.source._KEYS_PER_QUERY", 2)  # the unseen keys are read in chunks
-    now = datetime.now(timezone.utc) - timedelta(seconds=30)
+    now = datetime.now(UTC) - timedelta(seconds=30)
     engine = make_items(url, rows_at(5, base=now))
     r = runner(sqlite_store, url, overlap_seconds=10)
     run_drain(r)
@@ -369,7 +370,7 @@ def test_overlap_after_a_restart_re_emits_the_window_and_the_store_drops_it(
 
 
 def test_overlap_through_the_runner_emits_each_row_exactly_once(sqlite_store: EventStore, url: str) -> None:
-    now = datetime.now(timezone.utc) - timedelta(seconds=30)
+    now = datetime.now(UTC) - timedelta(seconds=30)
     engine = make_items(url, rows_at(3, base=now))
     r = runner(sqlite_store, url, overlap_seconds=10)
     run_drain(r)
@@ -446,17 +447,17 @@ def test_row_hash_is_canonical() -> None:
 
 
 def test_bootstrap_snapshot_then_incremental_from_the_snapshot_start(url: str) -> None:
-    old = datetime.now(timezone.utc) - timedelta(days=3)
+    old = datetime.now(UTC) - timedelta(days=3)
     engine = make_items(url, [*rows_at(5, base=old), {"id": 6, "ts": None}, {"id": 7, "ts": None}])
     src = source(url, bootstrap="snapshot", delay_seconds=1)
     b1 = src.fetch(None, 4)
     assert ids(b1) == [1, 2, 3, 4] and b1.has_more
     since = b1.cursor["since"]
     assert b1.cursor == {"snapshot_key": 4, "since": since}
-    assert abs(datetime.fromisoformat(since.replace("Z", "+00:00")) - datetime.now(timezone.utc)) < timedelta(seconds=5)
+    assert abs(datetime.fromisoformat(since) - datetime.now(UTC)) < timedelta(seconds=5)
     # While the snapshot runs: row 2 (already read) changes, a new row arrives; both are written by
     # transactions that began just before the snapshot (stamped before `since`, within the delay).
-    recent = datetime.fromisoformat(since.replace("Z", "+00:00")) - timedelta(seconds=0.5)
+    recent = datetime.fromisoformat(since) - timedelta(seconds=0.5)
     with engine.begin() as conn:
         conn.execute(update(ITEMS).where(ITEMS.c.id == 2).values(ts=_naive(recent), name="changed"))
     add_items(engine, [{"id": 8, "ts": recent}])
@@ -464,7 +465,7 @@ def test_bootstrap_snapshot_then_incremental_from_the_snapshot_start(url: str) -
     assert ids(b2) == [5, 6, 7, 8] and b2.has_more  # NULL-timestamp rows are in the snapshot
     b3 = src.fetch(b2.cursor, 4)
     assert ids(b3) == []  # the snapshot ended (short page): switch to incremental
-    start = datetime.fromisoformat(since.replace("Z", "+00:00")) - timedelta(seconds=1)
+    start = datetime.fromisoformat(since) - timedelta(seconds=1)
     assert b3.cursor == {"ts": format_time(start), "key": None} and b3.has_more
     time.sleep(0.6)  # until they are older than the delay
     got, _ = drain(src, b3.cursor)
@@ -565,7 +566,7 @@ def test_custom_query_null_placeholder_on_postgresql_gets_a_hint(pg_db_url: str)
 
 
 def test_custom_query_on_every_dialect(legacy_url: str) -> None:
-    now = datetime.now(timezone.utc) - timedelta(minutes=5)
+    now = datetime.now(UTC) - timedelta(minutes=5)
     engine = make_items(legacy_url, rows_at(4, base=now))
     src = source(legacy_url, table=None, query=_TS_QUERY, delay_seconds=1)
     got, cursor = drain(src, None, 3)
@@ -578,7 +579,9 @@ def test_custom_query_on_every_dialect(legacy_url: str) -> None:
 
 
 def test_char_is_trimmed_varchar_is_not_decimal_stays_exact_binary_stays_bytes(legacy_url: str) -> None:
-    engine = make_items(legacy_url, [{"id": 1, "ts": T0, "code": "AB", "name": "padded  ", "amount": Decimal("12.3400"),
+    # "AB    ": stored padded, as a copy from a fixed-width system holds it (SQLite keeps what it is
+    # given and would otherwise return "AB" untrimmed; PostgreSQL pads CHAR itself).
+    engine = make_items(legacy_url, [{"id": 1, "ts": T0, "code": "AB    ", "name": "padded  ", "amount": Decimal("12.3400"),
                                       "raw": b"\x00\x01\xfe"}])
     src = source(legacy_url)
     (rec,) = src.fetch(None, 10).records
@@ -591,17 +594,36 @@ def test_char_is_trimmed_varchar_is_not_decimal_stays_exact_binary_stays_bytes(l
     engine.dispose()
 
 
-def test_binary_in_a_legacy_codec_becomes_text(sqlite_store: EventStore, url: str) -> None:
-    engine = make_items(url, [
+def test_binary_in_a_legacy_codec_becomes_text(sqlite_store: EventStore, legacy_url: str) -> None:
+    """EBCDIC and Windows code page text in binary columns (BLOB, BYTEA, VARBINARY) becomes text;
+    without a codec the event carries the bytes as base64."""
+    engine = make_items(legacy_url, [
         {"id": 1, "ts": T0, "raw": "Grüße".encode("cp037")},
         {"id": 2, "ts": T0 + timedelta(seconds=1), "raw": "café €5".encode("cp1252")},
     ])
-    ebcdic = source(url, column_encodings={"raw": "cp037"}).fetch(None, 1).records[0]
-    assert ebcdic.data["raw"] == "Grüße"
-    win = source(url, column_encodings={"raw": "cp1252"}).fetch({"ts": format_time(T0), "key": 1}, 1).records[0]
-    assert win.data["raw"] == "café €5"
-    r = runner(sqlite_store, url, column_encodings={"raw": "cp037"}, columns=["id", "ts"])
+    ebcdic = source(legacy_url, column_encodings={"raw": "cp037"})
+    assert ebcdic.fetch(None, 1).records[0].data["raw"] == "Grüße"
+    ebcdic.close()
+    win = source(legacy_url, column_encodings={"raw": "cp1252"})
+    assert win.fetch({"ts": format_time(T0), "key": 1}, 1).records[0].data["raw"] == "café €5"
+    win.close()
+    # Through the runner into the outbox: the decoded text is the event's value (row 1 only: row 2
+    # is cp1252, which cp037 would decode into other characters).
+    r = runner(sqlite_store, legacy_url, column_encodings={"raw": "cp037"})
     run_drain(r)
+    assert events(sqlite_store)[0]["data"]["raw"] == "Grüße"
+    r.adapter.close()
+    plain = source(legacy_url)
+    assert plain.fetch(None, 1).records[0].data["raw"] == "Grüße".encode("cp037")
+    plain.close()
+    engine.dispose()
+
+
+def test_binary_without_a_codec_is_base64_in_the_event(sqlite_store: EventStore, url: str) -> None:
+    engine = make_items(url, [{"id": 1, "ts": T0, "raw": b"\x00\x01\xfe\xff"}])
+    r = runner(sqlite_store, url)
+    run_drain(r)
+    assert events(sqlite_store)[0]["data"]["raw"] == base64.b64encode(b"\x00\x01\xfe\xff").decode()
     r.adapter.close()
     engine.dispose()
 
@@ -636,13 +658,37 @@ def test_an_undecodable_value_sends_its_record_to_dead_letters_not_the_batch(sql
     engine.dispose()
 
 
+def test_legacy_date_strings_are_parsed_by_mapping_rules(sqlite_store: EventStore, legacy_url: str) -> None:
+    """'YYYYMMDD' text (VARCHAR) and 'YYMMDD' in a padded CHAR(6) become ISO dates through
+    ``mapping.parse``; a sentinel is NULL; a value that is no date dead-letters its record only."""
+    engine = make_items(legacy_url, [
+        {"id": 1, "ts": T0, "name": "20240229", "code": "240301"},
+        {"id": 2, "ts": T0 + timedelta(seconds=1), "name": "00000000"},
+        {"id": 3, "ts": T0 + timedelta(seconds=2), "name": "20240230"},  # no 30 February
+        {"id": 4, "ts": T0 + timedelta(seconds=3), "name": "19991231", "code": "991231"},
+    ])
+    mapping = {
+        "type": "com.acme.item.changed", "entity": "item", "key": ["id"], "version": "ts",
+        "parse": {"name": {"type": "date", "nulls": ["00000000"]}, "code": {"type": "date", "format": "%y%m%d"}},
+    }
+    r = runner(sqlite_store, legacy_url, mapping)
+    run_drain(r)
+    got = [(int(e["data"]["id"]), e["data"]["name"], e["data"]["code"]) for e in events(sqlite_store)]
+    assert got == [(1, "2024-02-29", "2024-03-01"), (2, None, None), (4, "1999-12-31", "1999-12-31")]
+    (dead,) = sqlite_store.list_dead_letters()
+    assert "field 'name': '20240230' does not parse as date with format '%Y%m%d'" in dead.reason
+    assert sqlite_store.get_cursor("items").cursor["key"] == 4  # type: ignore[union-attr]
+    r.adapter.close()
+    engine.dispose()
+
+
 def test_naive_timestamps_are_read_in_the_configured_zone(url: str) -> None:
     engine = make_items(url)
     with engine.begin() as conn:  # written as Berlin wall time, 13:00 CET = 12:00Z
         conn.execute(insert(ITEMS), [{"id": 1, "ts": datetime(2024, 1, 1, 13, 0, 0, 123456)}])
     src = source(url, naive_timezone="Europe/Berlin")
     (rec,) = src.fetch(None, 10).records
-    assert rec.data["ts"] == datetime(2024, 1, 1, 12, 0, 0, 123456, tzinfo=timezone.utc)
+    assert rec.data["ts"] == datetime(2024, 1, 1, 12, 0, 0, 123456, tzinfo=UTC)
     assert rec.position == {"ts": "2024-01-01T12:00:00.123456Z", "key": 1}
     src.close()
     engine.dispose()
