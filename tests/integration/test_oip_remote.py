@@ -1,7 +1,8 @@
 """Acceptance (issue 7, remote scoring): a real scoring worker scores through a local OIP v2 server
 over real loopback HTTP. When the server fails (HTTP 500) or is slower than the timeout, the
 model's breaker opens and intake pauses, nothing is dead-lettered; when it recovers, every event is
-scored exactly once, with the server's scores.
+scored exactly once, with the server's scores. With a fallback model configured, the fallback scores
+while the breaker is open (nothing waits) and the primary takes over again after a half-open trial.
 
 Needs no external service (the in-process bus, SQLite and a loopback HTTP server), so it runs
 everywhere; it is marked ``integration`` because it runs the whole worker loop over the network.
@@ -133,3 +134,85 @@ def test_remote_scoring_opens_the_breaker_on_failure_and_slowness_and_recovers(
     assert sorted(originals) == sorted(e.id for e in events)  # 60 scored events, one per event
     assert transitions.count("open") >= 2 and transitions[-1] == "closed"
     assert worker.retried > 0  # failed attempts went through the delayed retry, not in-process loops
+
+
+def test_a_failing_or_slow_server_opens_the_breaker_the_fallback_scores_and_the_primary_returns(
+    bus_prefix: str, sqlite_store: EventStore
+) -> None:
+    """The acceptance with a fallback: HTTP 500, then a server slower than the timeout, each open the
+    breaker and a local rules model scores meanwhile (scored events say degraded); after each
+    spell a half-open trial finds the server back and it scores again. No event waits, none is lost."""
+    from gateway.scoring.routing import build_fallback
+
+    schedule = RetrySchedule(min_delay=0.02, base_delay=0.05, max_delay=0.1, window=120.0)
+    topo = Topology(bus_prefix, delivery_limit=1000, retry_ttls_ms=schedule.level_ttls_ms(100))
+    bus = InMemoryBus(topo)
+    bus.declare_topology()
+    bus.declare_queue(QueueSpec(TEST_QUEUE, {}, ((topo.scored_exchange, "#"),)))
+    breaker = CircuitBreaker("scorer:fraud", scorer_breaker_policy(BreakerPolicy(
+        window_size=4, minimum_calls=4, failure_rate_threshold=50, wait_in_open=0.5, half_open_permits=2,
+        slow_call_duration=60.0,
+    )))
+    transitions: list[str] = []
+    breaker.add_listener(lambda _n, _o, new: transitions.append(new.value))
+    fallback = build_fallback(ScoringSettings(
+        model="fraud", fallback="guard",
+        models={"guard": {"kind": "rules", "options": {"rules": [
+            {"when": "data.amount > 12", "score": 0.7, "reason": "over 12"}], "default": 0.1}}},
+    ))
+    assert fallback is not None
+    events = make_events(94)
+    publisher = bus.publisher()
+
+    def send(batch: list[Event]) -> None:
+        publisher.publish(topo.events_exchange, [Message(e.to_json(), e.type, e.id) for e in batch]).result(5)
+
+    def scored(model: str, version: str, batch: list[Event]) -> int:
+        return len(sqlite_store.get_scores([e.id for e in batch], model, version))
+
+    with OipServer() as srv:
+        scorer = create("fraud", {"url": srv.url, "model": "fraud", "features": FEATURES, "timeout": 0.3,
+                                  "max_batch": 8}, ScoringSettings())
+        worker = ScoringWorker(
+            bus.consumer(topo.scoring_queue, prefetch=16), bus.publisher(), sqlite_store, scorer, topo, batch_max=16,
+            batch_linger_ms=0, max_attempts=100, publish_timeout=2.0, retry=schedule, breaker=breaker,
+            score_timeout=2.0, prefetch=16, fallback=fallback,
+        )
+        stop = threading.Event()
+        thread = threading.Thread(target=worker.run, args=(stop,), name="oip-fallback-worker")
+        thread.start()
+        try:
+            send(events[:20])
+            wait_for(lambda: scored("fraud", "3", events[:20]) == 20, "the primary's first scores")
+            spells = ((lambda: srv.fail(500), events[20:50], events[80:82]),
+                      (lambda: srv.slow(10.0), events[50:80], events[82:84]))
+            for fault, batch, probe in spells:
+                opened = transitions.count("open")
+                fault()
+                send(batch)
+                wait_for(lambda: transitions.count("open") > opened, "the breaker to open")
+                # Meanwhile the fallback scores: every event of the spell gets a score, none waits.
+                wait_for(lambda: scored("guard", fallback.version, batch) + scored("fraud", "3", batch) == len(batch),
+                         "every event of the spell scored")
+                assert scored("guard", fallback.version, batch) > 0 and worker.pauses == 0
+                srv.recover()
+                wait_for(lambda: transitions[-1] == "half_open", "the wait in open to end")
+                send(probe)  # traffic for the trial (without events the breaker just waits half-open)
+                wait_for(lambda: transitions[-1] == "closed", "a half-open trial to close the breaker")
+            send(events[84:])
+            wait_for(lambda: scored("fraud", "3", events[84:]) == 10, "the primary after recovery")
+        finally:
+            stop.set()
+            thread.join(10)
+            srv.recover()
+        assert not thread.is_alive()
+
+    # One score per event (primary or fallback), one scored event per event; the degraded ones say so.
+    assert worker.dead_lettered == 0 and sqlite_store.list_dead_letters() == []
+    primary = sqlite_store.get_scores([e.id for e in events], "fraud", "3")
+    degraded = sqlite_store.get_scores([e.id for e in events], "guard", fallback.version)
+    assert not set(primary) & set(degraded) and len(primary) + len(degraded) == 94
+    got = bus.consumer(TEST_QUEUE, prefetch=1000).get_batch(1000, 0.5, 0.05)
+    published = [loads(d.body) for d in got]
+    assert sorted(p["data"]["event"]["id"] for p in published) == sorted(e.id for e in events)
+    assert {p["data"]["event"]["id"] for p in published if p.get("degraded") is True} == set(degraded)
