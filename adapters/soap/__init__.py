@@ -1,5 +1,11 @@
 """The SOAP polling adapter (zeep): paged calls with a resumable cursor, hardened XML, mandatory timeouts."""
 
-from adapters.soap.source import GuardedTransport, SoapConfig, SoapFaultError, SoapSource, to_plain
+from adapters.soap.source import (
+    GuardedTransport,
+    SoapConfig,
+    SoapFaultError,
+    SoapSource,
+    to_plain,
+)
 
 __all__ = ["GuardedTransport", "SoapConfig", "SoapFaultError", "SoapSource", "to_plain"]

@@ -19,7 +19,7 @@ import posixpath
 import re
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -27,6 +27,7 @@ from typing import Any, Literal
 from urllib.parse import unquote, urljoin, urlparse
 
 import requests
+import urllib3
 from lxml import etree
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from zeep import Client, Settings
@@ -298,17 +299,54 @@ class GuardedTransport(Transport):  # type: ignore[misc]
             if check:
                 resp.raise_for_status()
             buf = bytearray()
-            for chunk in resp.iter_content(65536):
+            for chunk in _body_until(resp, deadline, self.read_timeout, op):
                 buf += chunk
                 if len(buf) > self.max_bytes:
                     raise ResponseTooLarge(f"response larger than {self.max_bytes} bytes")
-                if time.monotonic() > deadline:
-                    raise requests.exceptions.Timeout(f"operation timeout ({op:g} s) exceeded")
             resp._content = bytes(buf)
             resp._content_consumed = True
         finally:
             resp.close()
         return resp
+
+
+def _body_until(resp: requests.Response, deadline: float, read_timeout: float, op: float) -> Iterator[bytes]:
+    """The response body as it arrives, never past ``deadline``.
+
+    ``iter_content`` reads fixed-size chunks and waits until a chunk is full: a server that trickles
+    one byte per second never trips the read timeout and would hold the call for hours. Here each
+    read returns whatever has arrived (``read1``), waits at most the read timeout or what is left
+    until the deadline, whichever is shorter, and the deadline is checked between reads.
+    """
+    raw = resp.raw
+    if not hasattr(raw, "read1"):  # urllib3 < 2.2: whole chunks; the deadline is checked between them
+        for chunk in resp.iter_content(65536):
+            yield chunk
+            if time.monotonic() > deadline:
+                raise requests.exceptions.Timeout(f"operation timeout ({op:g} s) exceeded")
+        return
+    sock = getattr(getattr(raw, "connection", None), "sock", None)
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise requests.exceptions.Timeout(f"operation timeout ({op:g} s) exceeded")
+        if sock is not None:
+            sock.settimeout(min(read_timeout, left))
+        try:
+            chunk = raw.read1(65536, decode_content=True)
+        except urllib3.exceptions.ReadTimeoutError:
+            if time.monotonic() >= deadline:
+                raise requests.exceptions.Timeout(f"operation timeout ({op:g} s) exceeded") from None
+            raise requests.exceptions.ReadTimeout(f"read timeout ({read_timeout:g} s) exceeded") from None
+        except urllib3.exceptions.ProtocolError as exc:  # what iter_content raises for these
+            raise requests.exceptions.ChunkedEncodingError(exc) from None
+        except urllib3.exceptions.DecodeError as exc:
+            raise requests.exceptions.ContentDecodingError(exc) from None
+        except urllib3.exceptions.SSLError as exc:
+            raise requests.exceptions.SSLError(exc) from None
+        if not chunk:
+            return
+        yield chunk
 
 
 # ---------------------------------------------------------------------------- conversion
@@ -432,7 +470,7 @@ class SoapSource(PollingSource[SoapConfig]):
         failure: BaseException | None = None
         try:
             client = Client(wsdl, transport=transport, settings=self._settings(), wsse=wsse)
-            service, port = self._select(client)
+            _, port = self._select(client)
             binding = port.binding
             if cfg.operation not in binding._operations:
                 raise ConfigurationError(
@@ -445,7 +483,7 @@ class SoapSource(PollingSource[SoapConfig]):
             self._service = client.create_service(binding.name, address)
             self._binding, self._operation = binding, binding.get(cfg.operation)
             self._address = address
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 -- classified below, never swallowed
             failure = exc
         if failure is not None:
             session.close()
@@ -567,9 +605,8 @@ class SoapSource(PollingSource[SoapConfig]):
         for raw in raw_records:
             if not isinstance(raw, Mapping):
                 raw = {"value": raw}
-            pos = self._position(raw)
+            pos, sk = self._position(raw)
             if pos is not None:
-                sk = _sort_key(parse_time(pos["time"]), pos["key"])
                 if start is not None and sk <= start:
                     continue  # read by an earlier scan: "since" is inclusive on many services
                 if best is None or sk > best:
@@ -616,7 +653,7 @@ class SoapSource(PollingSource[SoapConfig]):
                 with self.client.settings(strict=False):
                     result = self._binding.process_reply(self.client, self._operation, response)
                 lenient = True
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 -- classified below, never swallowed
             failure = exc
         if failure is not None:
             err = self.classify_error(failure)
@@ -624,15 +661,16 @@ class SoapSource(PollingSource[SoapConfig]):
             raise err
         return result, lenient
 
-    def _position(self, record: Mapping[str, Any]) -> dict[str, Any] | None:
+    def _position(self, record: Mapping[str, Any]) -> tuple[dict[str, Any] | None, Any]:
+        """The record's cursor position and its sort key (time parsed once), or ``(None, None)``."""
         t, k = record.get(self.config.time_field), record.get(self.config.key_field)
         if not isinstance(t, str) or k is None:
-            return None  # the mapper dead-letters records without key or time
+            return None, None  # the mapper dead-letters records without key or time
         try:
-            parse_time(t)
+            when = parse_time(t)
         except ValueError:
-            return None
-        return {"time": t, "key": k}
+            return None, None
+        return {"time": t, "key": k}, _sort_key(when, k)
 
     # ---------------------------------------------------------------- errors
     def classify_error(self, exc: BaseException) -> GatewayError:

@@ -11,8 +11,8 @@ import lxml
 import pytest
 
 from adapters.soap import SoapSource
-from gateway.errors import PermanentError
 from adapters.soap.simulator import SoapSimulator
+from gateway.errors import PermanentError
 from tests.unit.test_soap_source import soap_config
 
 SECRET = "TOP-SECRET-MARKER-7f3a9c"
@@ -52,7 +52,7 @@ def _xxe_http(sim: SoapSimulator, secret: Path) -> bytes:
 
 
 def _billion_laughs(sim: SoapSimulator, secret: Path) -> bytes:
-    ents = ['<!ENTITY lol0 "lol">'] + [f'<!ENTITY lol{i} "{("&lol%d;" % (i - 1)) * 10}">' for i in range(1, 10)]
+    ents = ['<!ENTITY lol0 "lol">'] + [f'<!ENTITY lol{i} "{f"&lol{i - 1};" * 10}">' for i in range(1, 10)]
     return (f'<?xml version="1.0"?><!DOCTYPE soap:Envelope [{"".join(ents)}]>'
             f"{ENV_OPEN}{PAYLOAD}&lol9;{ENV_CLOSE}").encode()
 

@@ -2,4 +2,4 @@
 
 from adapters.soap.simulator.server import T0, WSDL_PATH, XSD_PATH, Order, SoapSimulator
 
-__all__ = ["Order", "SoapSimulator", "T0", "WSDL_PATH", "XSD_PATH"]
+__all__ = ["T0", "WSDL_PATH", "XSD_PATH", "Order", "SoapSimulator"]

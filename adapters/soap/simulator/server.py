@@ -12,9 +12,11 @@ shift later pages. ``since`` is inclusive, the way many legacy services behave: 
 filter what it already has.
 
 Test controls (all thread-safe): :meth:`add_orders`, :meth:`upsert`, :meth:`require_auth`,
-:meth:`fail_next` (N transient faults: HTTP 503 or soap:Server), :meth:`business_fault` (a permanent
+:meth:`fail_next` (N failures: HTTP 502/503/504, soap:Server, or a soap:Client fault with a code the
+source may configure as transient), :meth:`business_fault` (a permanent
 soap:Client fault with a code), ``delay`` (seconds before answering), ``hang`` (accept, never
-answer) and :meth:`serve_raw` (answer operations with a given body: attack payloads).
+answer), ``trickle`` (seconds between the bytes of an answer) and :meth:`serve_raw` (answer
+operations with a given body: attack payloads).
 
 Authentication: :meth:`require_auth` (HTTP basic), :meth:`require_wsse` (a WS-Security
 UsernameToken, PasswordText or PasswordDigest, with freshness and nonce-replay checks) and
@@ -36,16 +38,16 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from xml.sax.saxutils import escape
 
 from lxml import etree
 
-__all__ = ["Order", "SoapSimulator", "WSDL_PATH", "XSD_PATH", "T0"]
+__all__ = ["FAIL_KINDS", "T0", "WSDL_PATH", "XSD_PATH", "Order", "SoapSimulator"]
 
 HERE = Path(__file__).resolve().parent
 WSDL_PATH = HERE / "legacy_orders.wsdl"
@@ -53,7 +55,9 @@ XSD_PATH = HERE / "legacy_orders.xsd"
 TNS = "urn:legacy:orders"
 SOAP11 = "http://schemas.xmlsoap.org/soap/envelope/"
 SOAP12 = "http://www.w3.org/2003/05/soap-envelope"
-T0 = datetime(2024, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
+T0 = datetime(2024, 1, 1, 12, 0, 0, tzinfo=UTC)
+#: What :meth:`SoapSimulator.fail_next` can inject.
+FAIL_KINDS = ("http502", "http503", "http504", "soap_server", "soap_client")
 
 
 @dataclass(frozen=True)
@@ -72,7 +76,7 @@ class Order:
 
 
 def _fmt_dt(value: datetime) -> str:
-    return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def _parse_dt(text: str) -> datetime:
@@ -80,7 +84,7 @@ def _parse_dt(text: str) -> datetime:
     if text.endswith("Z"):
         text = text[:-1] + "+00:00"
     value = datetime.fromisoformat(text)
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def _order_xml(o: Order, *, nonconformant: bool = False) -> str:
@@ -111,7 +115,7 @@ def _envelope(soap_ns: str, body: str) -> bytes:
         f'<soap:Envelope xmlns:soap="{soap_ns}" xmlns:tns="{TNS}" '
         f'xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance">'
         f"<soap:Body>{body}</soap:Body></soap:Envelope>"
-    ).encode("utf-8")
+    ).encode()
 
 
 def _fault(soap_ns: str, side: str, text: str, code: str | None = None) -> bytes:
@@ -209,12 +213,15 @@ class SoapSimulator:
         self._lock = threading.Lock()
         self._orders: dict[int, Order] = {}
         self._auth: str | None = None
-        self._transient: list[str] = []
+        self._transient: list[tuple[str, str]] = []
         self._business: tuple[str, str] | None = None
         self._raw: tuple[bytes, int, str] | None = None
         self._stop = threading.Event()
         self.delay = 0.0
         self.hang = False
+        #: Seconds between the bytes of an answer (0: send at once): a server that trickles its answer
+        #: never trips a read timeout; only the operation timeout ends the call.
+        self.trickle = 0.0
         #: Add an element the schema does not declare to every order (strict parsing rejects it).
         self.nonconformant = False
         #: Every request as (method, path), including refused ones.
@@ -273,8 +280,9 @@ class SoapSimulator:
             self._thread = None
         self._httpd.server_close()
 
-    def __enter__(self) -> SoapSimulator:
-        return self.start()
+    def __enter__(self) -> Self:
+        self.start()
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -392,11 +400,22 @@ class SoapSimulator:
                 self._nonces[nonce_text] = now
         return None
 
-    def fail_next(self, n: int, kind: str = "http503") -> None:
-        """The next ``n`` operation calls fail: ``http503`` or ``soap_server`` (soap:Server fault)."""
-        assert kind in ("http503", "soap_server")
+    def fail_next(self, n: int, kind: str = "http503", *, code: str = "ORD-BUSY") -> None:
+        """The next ``n`` operation calls fail, then the service answers normally again.
+
+        Args:
+            n: how many calls fail.
+            kind: ``http502``, ``http503`` or ``http504`` (an HTML error page with that status, as
+                a proxy in front of the service sends), ``soap_server`` (a soap:Server /
+                soap:Receiver fault) or ``soap_client`` (a soap:Client / soap:Sender fault whose
+                detail ``errorCode`` is ``code``: permanent unless the source lists the code in
+                ``transient_fault_codes``).
+            code: the detail ``errorCode`` of ``soap_client`` faults.
+        """
+        if kind not in FAIL_KINDS:
+            raise ValueError(f"fail_next: unknown kind {kind!r} (expected one of {', '.join(FAIL_KINDS)})")
         with self._lock:
-            self._transient.extend([kind] * n)
+            self._transient.extend([(kind, code)] * n)
 
     def business_fault(self, code: str | None, text: str = "business rule violated") -> None:
         """Every operation call answers a soap:Client fault with ``code`` (``None``: stop)."""
@@ -454,7 +473,7 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = 10  # a client that never sends its request does not hold a thread forever
     server_version = "LegacySoap/1.0"
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 -- quiet
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
     def setup(self) -> None:
@@ -490,7 +509,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(401, b"unauthorized", "text/plain", {"WWW-Authenticate": 'Basic realm="legacy"'})
         return False
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         sim = self.simulator
         sim.requests.append(("GET", self.path))
         if not self._authorized():
@@ -500,7 +519,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send(404, b"not found", "text/plain")
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         sim = self.simulator
         sim.requests.append(("POST", self.path))
         length = int(self.headers.get("Content-Length") or 0)
@@ -522,11 +541,15 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if sim.delay:
             sim._stop.wait(sim.delay)
-        if transient == "http503":
-            self._send(503, b"<html><body>Service Unavailable</body></html>", "text/html")
-            return
-        if transient == "soap_server":
-            self._send(500, _fault(soap_ns, "Server", "backend temporarily unavailable"), out_ctype)
+        if transient is not None:
+            kind, code = transient
+            if kind.startswith("http"):
+                status = int(kind[4:])
+                self._send(status, f"<html><body>HTTP {status}</body></html>".encode(), "text/html")
+            elif kind == "soap_server":
+                self._send(500, _fault(soap_ns, "Server", "backend temporarily unavailable"), out_ctype)
+            else:
+                self._send(500, _fault(soap_ns, "Client", "order service busy, try again later", code), out_ctype)
             return
         if business is not None:
             self._send(500, _fault(soap_ns, "Client", business[1], business[0]), out_ctype)
@@ -551,4 +574,23 @@ class _Handler(BaseHTTPRequestHandler):
         resp = "".join(_order_xml(o, nonconformant=sim.nonconformant) for o in page)
         if nxt:
             resp += f"<tns:nextPageToken>{nxt}</tns:nextPageToken>"
-        self._send(200, _envelope(soap_ns, f"<tns:{op}Response>{resp}</tns:{op}Response>"), out_ctype)
+        body = _envelope(soap_ns, f"<tns:{op}Response>{resp}</tns:{op}Response>")
+        if sim.trickle:
+            self._trickle(body, out_ctype, sim.trickle)
+            return
+        self._send(200, body, out_ctype)
+
+    def _trickle(self, body: bytes, content_type: str, every: float) -> None:
+        """Send ``body`` one byte every ``every`` seconds, until done, the client leaves or close()."""
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        try:
+            for i in range(len(body)):
+                self.wfile.write(body[i : i + 1])
+                self.wfile.flush()
+                if self.simulator._stop.wait(every):
+                    return
+        except OSError:
+            return  # the client gave up
