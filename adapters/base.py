@@ -188,6 +188,10 @@ class PollingSource(abc.ABC, Generic[ConfigT]):
 
     #: Adapter kind, shown in lineage (``sourceadapter``) and ``gateway sources list``.
     kind: ClassVar[str] = "polling"
+    #: True when reading is not free of side effects for the source: a queue consumer must take
+    #: messages and hand them back, which a quorum queue counts as a delivery. ``gateway sources
+    #: test`` then refuses to run without ``--allow-redelivery``. Polling sources keep the default.
+    dry_run_redelivers: ClassVar[bool] = False
     #: The pydantic model of this adapter's ``config:`` block.
     config_model: ClassVar[type[SourceConfig]] = SourceConfig
 

@@ -450,6 +450,9 @@ def sources_test(
     config: ConfigOpt = None,
     limit: Annotated[int, typer.Option(help="Records to read.")] = 5,
     from_start: Annotated[bool, typer.Option(help="Ignore the committed cursor.")] = False,
+    allow_redelivery: Annotated[bool, typer.Option(
+        help="Sources that consume (a legacy queue): take the messages and hand them back. On a quorum queue "
+        "each dry run counts as a delivery toward the delivery limit.")] = False,
 ) -> None:
     """Dry run: connect, read once from the committed cursor, print the mapped events; commit nothing."""
     from gateway.events.jsonsafe import dumps
@@ -464,6 +467,10 @@ def sources_test(
     except (ConfigurationError, ValidationError) as exc:
         _fail(str(exc))
         raise
+    if adapter.dry_run_redelivers and not allow_redelivery:
+        _fail(f"source {name!r} ({adapter.kind}) consumes its messages: a dry run takes them and hands them back, "
+              "and a quorum queue counts that as a delivery (after delivery_limit such runs the gateway would "
+              "dead-letter them unprocessed). Run again with --allow-redelivery to accept that.")
     cursor = None
     if not from_start:
         engine = engine_from_settings(settings.store)
@@ -491,8 +498,11 @@ def sources_test(
             typer.echo(dumps(mapper.to_event(rec).to_dict()).decode())
         except GatewayError as exc:
             typer.echo(f"rejected (would go to dead letters): {exc}")
+    for rej in batch.rejects:
+        typer.echo(f"rejected (would go to dead letters): {rej.error_class}: {rej.reason}")
     typer.echo(
-        f"-- {len(batch.records)} record(s) read from cursor {cursor!r}; the cursor would advance to "
+        f"-- {len(batch.records)} record(s) and {len(batch.rejects)} reject(s) read from cursor {cursor!r}; "
+        f"the cursor would advance to "
         f"{batch.cursor!r}{' (more waiting)' if batch.has_more else ''}. Dry run: nothing was committed.",
         err=True,
     )

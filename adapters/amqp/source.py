@@ -147,6 +147,7 @@ class AmqpSource(PollingSource[AmqpSourceConfig]):
 
     kind = "amqp"
     config_model = AmqpSourceConfig
+    dry_run_redelivers = True  # a dry run takes messages and requeues them: quorum queues count it
 
     def __init__(self, config: AmqpSourceConfig, *, source_name: str) -> None:
         super().__init__(config, source_name=source_name)

@@ -318,3 +318,40 @@ def test_manual_acks_and_prefetch_bound_what_the_source_holds(sqlite_store: Even
         adapter.close()  # never committed: the 7 go back to the queue
     wait_for(lambda: queue_counts(amqp_url, legacy_queue)[0] == 50, 10, "all 50 ready again")
     assert sqlite_store.stats()["events"] == 0
+
+
+def test_sources_test_on_a_queue_source_needs_allow_redelivery_and_leaves_the_messages(
+    amqp_url: str, legacy_queue: str, tmp_path: Any
+) -> None:
+    """A dry run of a consuming source takes the messages and hands them back: the CLI says so and
+    asks for --allow-redelivery; with it the events and the rejects are printed and the queue keeps
+    every message."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from gateway.cli import app
+
+    publish(amqp_url, legacy_queue, [
+        (json.dumps({"id": i, "customer": f"c{i}", "amount": "1.00"}).encode(), "application/json", f"m-{i}")
+        for i in range(3)
+    ] + [(b'{"id": 9, "broken', "application/json", "bad-1")])
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(json.dumps({
+        "profile": "test", "store": {"url": f"sqlite:///{tmp_path / 'g.db'}"},
+        "sources": [{"name": "legacy-queue", "adapter": "amqp", "config": legacy_config(amqp_url, legacy_queue),
+                     "mapping": MAPPING}],
+    }))
+    runner = CliRunner()
+    refused = runner.invoke(app, ["sources", "test", "legacy-queue", "-c", str(cfg)])
+    assert refused.exit_code == 2 and "--allow-redelivery" in refused.output and "delivery_limit" in refused.output
+    assert queue_counts(amqp_url, legacy_queue)[0] == 4
+    ran = runner.invoke(app, ["sources", "test", "legacy-queue", "-c", str(cfg), "--allow-redelivery", "--limit", "10"])
+    assert ran.exit_code == 0, ran.output
+    events = [json.loads(line) for line in ran.stdout.splitlines() if line.startswith("{")]
+    assert sorted(e["subject"] for e in events) == ["order/0", "order/1", "order/2"]
+    assert "rejected (would go to dead letters): DecodeError" in ran.stdout
+    deadline = time.monotonic() + 10
+    while queue_counts(amqp_url, legacy_queue)[0] != 4:  # handed back, nothing consumed
+        assert time.monotonic() < deadline, "the dry run did not hand the messages back"
+        time.sleep(0.1)
