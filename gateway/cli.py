@@ -40,13 +40,28 @@ LogOpt = Annotated[str, typer.Option("--log-level", help="Logging level.")]
 log = logging.getLogger("gateway")
 
 
+_LOG_FORMAT = {"value": "auto"}
+
+
+@app.callback()
+def _main(
+    log_format: Annotated[str, typer.Option(
+        "--log-format", envvar="GATEWAY_LOG_FORMAT",
+        help="Log lines as json (one object per line, with correlation ids) or text; auto: text on a terminal, "
+        "json otherwise. Give it before the command: gateway --log-format json run.",
+    )] = "auto",
+) -> None:
+    """legacy-gateway: legacy systems to CloudEvents, RabbitMQ and AI scoring."""
+    if log_format not in ("auto", "json", "text"):
+        _fail(f"--log-format: expected auto, json or text; got {log_format!r}")
+    _LOG_FORMAT["value"] = log_format
+
+
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("pika").setLevel(logging.WARNING)
+    """Root logging in the chosen format (gateway.observability.logs); secrets are redacted."""
+    from gateway.observability.logs import configure_logging
+
+    configure_logging(level, _LOG_FORMAT["value"], stream=sys.stderr)
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -422,6 +437,8 @@ def sources_cursor(
             typer.echo("Run again with --yes to apply.")
             return
         new_epoch = store.set_cursor(name, target)
+        _audit(store, "source.cursor.reset" if reset else "source.cursor.set", name,
+               {"before": now_cursor, "after": target, "epoch": new_epoch})
     _setup_logging("info")
     log.warning(
         "source %r: cursor moved by an operator (%s@%s): %s -> %s; epoch %d -> %d",
@@ -633,6 +650,9 @@ def dead_letters_replay(
                 return
             typer.confirm(f"Replay {preview.replayed} dead letter(s) at most {rate:g} per second?", abort=True)
         report = replayer.replay_rows(rows, again=again, dry_run=dry_run, not_found=missing)
+        if not dry_run and report.replayed:
+            _audit(store, "dead_letters.replay", f"dead-letters:{report.replayed}",
+                   {"replayed": [i.id for i in report.items if i.outcome in ("requeued", "accepted")], "again": again})
     finally:
         store.engine.dispose()
     if as_json:
@@ -679,6 +699,8 @@ def dead_letters_delete(
                        + ". Add --yes to delete.")
             return
         n = store.delete_dead_letters(found)
+        if n:
+            _audit(store, "dead_letters.delete", f"dead-letters:{n}", {"ids": found})
     finally:
         store.engine.dispose()
     log.warning("dead letters deleted by an operator: %s", found)
@@ -861,6 +883,11 @@ def demo(
             time.sleep(0.1)
         sock = gw.api_server.servers[0].sockets[0].getsockname() if gw.api_server.servers else ("127.0.0.1", port)
         typer.echo(f"  API: http://{sock[0]}:{sock[1]}/v1/events  (OpenAPI: /docs)")
+        if settings.api.auth:
+            from gateway.api.auth import key_secret
+
+            _, demo_token = gw.store.create_api_key("demo", ["events:read", "events:write"], secret=key_secret(settings, gw.store))
+            typer.echo(f"  API key (events:read, events:write): curl -H 'Authorization: Bearer {demo_token}' ...")
     t0 = time.monotonic()
     try:
         while not stop.wait(1.0):
@@ -919,6 +946,129 @@ def _why(gw: Any, event_id: str) -> str:
     if isinstance(expl, dict):
         return ", ".join(f"{k}" for k in list(expl)[:2])
     return ""
+
+
+# ---------------------------------------------------------------------------- keys and audit
+keys_app = typer.Typer(help="API keys: create (the token is printed once), list, revoke.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+audit_app = typer.Typer(help="The audit log of admin actions.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+
+
+def _audit(store: Any, action: str, target: str | None, details: dict[str, Any] | None) -> None:
+    """Record an operator's admin action (actor ``cli:<os user>``); a failure is only logged."""
+    from gateway.store import Actor
+
+    try:
+        store.record_audit(Actor(None, f"cli:{_operator()}"), action, target, details)
+    except GatewayError as exc:
+        log.warning("could not write the audit log for %s: %s", action, exc)
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option("--name", help="What the key is for.")],
+    scope: Annotated[list[str], typer.Option("--scope", help="events:write | events:read | sources:admin | admin; repeat.")],
+    source: Annotated[Optional[list[str]], typer.Option("--source", help="Limit the key to this gateway source; repeat (default: every source).")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Create an API key and print its token ONCE (the store keeps only a digest)."""
+    from gateway.api.auth import key_secret
+    from gateway.store import Actor
+
+    settings = _settings(config)
+    store = _source_store(settings)
+    try:
+        secret = key_secret(settings, store)
+        key, token = store.create_api_key(name, scope, source or None, secret=secret, actor=Actor(None, f"cli:{_operator()}"))
+    except ConfigurationError as exc:
+        _fail(str(exc))
+        raise
+    except ValueError as exc:
+        field, _, msg = str(exc).partition(": ")
+        _fail(f"--{ {'scopes': 'scope', 'sources': 'source'}.get(field, field)}: {msg}")
+        raise
+    finally:
+        store.engine.dispose()
+    typer.echo(f"created key {key.id} ({key.name}): scopes {', '.join(key.scopes)}; "
+               f"sources {', '.join(key.sources) if key.sources else 'all'}")
+    typer.echo("token (shown only now; store it in a secret manager):", err=True)
+    typer.echo(token)
+
+
+@keys_app.command("list")
+def keys_list(
+    config: ConfigOpt = None,
+    include_revoked: Annotated[bool, typer.Option("--all/--active", help="Also list revoked keys (default) or only active ones.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines.")] = False,
+) -> None:
+    """List API keys: id, name, scopes, sources, times. Never a token or digest."""
+    from gateway.events.jsonsafe import dumps_text
+
+    store = _source_store(_settings(config))
+    try:
+        keys = store.list_api_keys(include_revoked=include_revoked)
+    finally:
+        store.engine.dispose()
+    if as_json:
+        for k in keys:
+            typer.echo(dumps_text(k.to_dict()))
+        return
+    typer.echo(f"{'ID':16}  {'NAME':24} {'STATE':8} {'CREATED':20} {'LAST USED':20} SCOPES / SOURCES")
+    for k in keys:
+        typer.echo(
+            f"{k.id:16}  {_short(k.name, 24):24} {'revoked' if k.revoked else 'active':8} "
+            f"{k.created_at.strftime('%Y-%m-%dT%H:%M:%SZ'):20} "
+            f"{k.last_used_at.strftime('%Y-%m-%dT%H:%M:%SZ') if k.last_used_at else '-':20} "
+            f"{','.join(k.scopes)} / {','.join(k.sources) if k.sources else 'all'}"
+        )
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="The key's id (from gateway keys list).")],
+    config: ConfigOpt = None,
+) -> None:
+    """Revoke an API key: its next request gets 401. Exit 1 when there is no such key."""
+    from gateway.store import Actor
+
+    store = _source_store(_settings(config))
+    try:
+        key = store.revoke_api_key(key_id, actor=Actor(None, f"cli:{_operator()}"))
+    finally:
+        store.engine.dispose()
+    if key is None:
+        _fail(f"no API key with id {key_id!r} (see gateway keys list)", 1)
+        return
+    typer.echo(f"revoked key {key.id} ({key.name}) at {key.revoked_at.isoformat() if key.revoked_at else '?'}")
+
+
+@audit_app.command("list")
+def audit_list(
+    config: ConfigOpt = None,
+    action: Annotated[Optional[str], typer.Option(help="Only this action (key.create, key.revoke, dead_letters.replay, ...).")] = None,
+    after: Annotated[Optional[int], typer.Option(help="Only entries after this id (paging).")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10_000, help="Most to list.")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines with the details.")] = False,
+) -> None:
+    """List the audit log, oldest first: who did which admin action to what, and when."""
+    from gateway.events.jsonsafe import dumps_text
+    from gateway.store import AUDIT_ACTIONS
+
+    if action is not None and action not in AUDIT_ACTIONS:
+        _fail(f"--action: expected one of {', '.join(AUDIT_ACTIONS)}; got {action!r}")
+    store = _source_store(_settings(config))
+    try:
+        rows = store.list_audit(action=action, after_id=after, limit=limit)
+    finally:
+        store.engine.dispose()
+    for r in rows:
+        if as_json:
+            typer.echo(dumps_text({"id": r.id, "at": r.at.isoformat(), "actor_id": r.actor_id, "actor_name": r.actor_name,
+                                   "action": r.action, "target": r.target, "details": r.details}))
+        else:
+            typer.echo(f"{r.id:>6}  {r.at.strftime('%Y-%m-%dT%H:%M:%SZ')}  {_short(r.actor_name, 24):24} "
+                       f"{r.action:22} {_short(r.target, 30):30} {_short(dumps_text(r.details) if r.details else '', 80)}")
 
 
 def main() -> None:

@@ -154,6 +154,31 @@ class ApiSettings(_Section):
     backlog_threshold: int = Field(
         100_000, ge=1, description="Pending outbox rows above which ingestion answers 503."
     )
+    auth: bool = Field(
+        True,
+        description="Require an API key (Authorization: Bearer gw_...) on every /v1 route (docs/security.md). "
+        "false is refused by profile prod; /healthz, /readyz and /metrics never need a key.",
+    )
+    key_secret: SecretStr | None = Field(
+        None,
+        description="Server secret (at least 32 characters) keying the HMAC-SHA256 digests of API keys; set it "
+        "from the environment (GATEWAY_API__KEY_SECRET or ${VAR}). Required by profile prod where the API runs "
+        "or keys are managed; dev and test generate one per store when unset. Changing it invalidates every key.",
+    )
+    rate_limit_per_second: float = Field(
+        50.0, ge=0,
+        description="Requests per second each API key may make (token bucket, per API process); 0 disables.",
+    )
+    rate_limit_burst: int = Field(
+        100, ge=1, description="Requests a key may make at once before rate_limit_per_second applies."
+    )
+
+    @field_validator("key_secret")
+    @classmethod
+    def _key_secret_strong(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value().strip()) < 32:
+            raise ValueError("must be at least 32 characters (e.g. the output of: openssl rand -hex 32)")
+        return value
 
 
 class MappingSettings(_Section):
@@ -706,6 +731,143 @@ class _YamlSource(PydanticBaseSettingsSource):
         return dict(_YAML_DATA.get())
 
 
+class ObservabilitySettings(_Section):
+    """Metrics collectors and OpenTelemetry tracing (docs/observability.md)."""
+
+    tracing: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="OpenTelemetry spans (needs the otel extra): auto is on when OTEL_EXPORTER_OTLP_ENDPOINT or "
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is set and the extra is installed; on without the extra is an error.",
+    )
+    service_name: str = Field(
+        "legacy-gateway", min_length=1, description="OpenTelemetry service.name (OTEL_SERVICE_NAME wins when set)."
+    )
+    metrics_cache_seconds: float = Field(
+        5.0, ge=0, le=300,
+        description="Seconds a scrape-time read (outbox, dead letters, source lag, queue depths) is reused.",
+    )
+    queue_metrics: bool = Field(
+        True,
+        description="Export gateway_queue_messages and gateway_queue_consumers (on RabbitMQ: a short-lived "
+        "connection of its own per refresh, passive declares).",
+    )
+
+
+class ContractSettings(_Section):
+    """A JSON-Schema contract for the event types matching ``types`` (docs/governance.md)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    types: list[str] = Field(
+        ..., min_length=1,
+        description="Event type patterns (AMQP topic syntax: * one word, # any); the first matching contract applies.",
+    )
+    mode: Literal["evolve", "freeze", "discard"] = Field(
+        "evolve",
+        description="evolve: accept additive changes and bump the schema version; freeze: reject violations as "
+        "dead letters; discard: drop violations (counted and logged, no dead letter).",
+    )
+    schema_: dict[str, Any] | bool | str | None = Field(
+        None, alias="schema",
+        description="YAML key 'schema': the JSON Schema of the events' data, inline or the path of a JSON file "
+        "(relative to the working directory); unset: inferred from the first events of each type and source.",
+    )
+    infer_required: bool = Field(
+        True, description="Inferred schemas make the fields present in all first events required."
+    )
+
+    @field_validator("types")
+    @classmethod
+    def _patterns(cls, value: list[str]) -> list[str]:
+        from gateway.events.topics import check_pattern
+
+        return [check_pattern(p) for p in value]
+
+    @field_validator("schema_")
+    @classmethod
+    def _schema(cls, value: Any) -> Any:
+        from gateway.governance import check_schema, load_schema
+
+        schema = load_schema(value, "schema")
+        if schema is not None:
+            check_schema(schema)
+        return schema
+
+
+class PiiPolicySettings(_Section):
+    """A PII policy: an action on a field path, for some event types (docs/governance.md)."""
+
+    path: str = Field(..., description="Field path, e.g. data.customer.email, data.cards[*].number, or subject.")
+    action: Literal["drop", "mask", "hash", "tokenize"] = Field(
+        ..., description="drop the field; mask it ('****'); keyed hash (HMAC-SHA256, hex); tokenize (keyed, "
+        "format-preserving, not reversible).",
+    )
+    types: list[str] = Field(["#"], min_length=1, description="Event type patterns the policy applies to.")
+    keep_last: int = Field(0, ge=0, le=16, description="mask only: trailing characters left visible.")
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        from gateway.governance import compile_path
+
+        compile_path(value)
+        return value
+
+    @field_validator("types")
+    @classmethod
+    def _patterns(cls, value: list[str]) -> list[str]:
+        from gateway.events.topics import check_pattern
+
+        return [check_pattern(p) for p in value]
+
+
+class PiiSettings(_Section):
+    """PII policies, applied to every event before the store accepts it (decision 0011)."""
+
+    secret: SecretStr | None = Field(
+        None,
+        description="Key of hash and tokenize (at least 32 characters), from the environment (${VAR}); "
+        "changing it changes every hash and token.",
+    )
+    policies: list[PiiPolicySettings] = Field(default_factory=list, description="Policies, applied in order.")
+
+    @field_validator("secret")
+    @classmethod
+    def _secret_strong(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value().strip()) < 32:
+            raise ValueError("must be at least 32 characters (e.g. the output of: openssl rand -hex 32)")
+        return value
+
+    @model_validator(mode="after")
+    def _secret_needed(self) -> PiiSettings:
+        for i, pol in enumerate(self.policies):
+            if pol.action in ("hash", "tokenize") and self.secret is None:
+                raise ValueError(f"policies[{i}] ({pol.action} {pol.path}) needs governance.pii.secret")
+        return self
+
+
+class GovernanceSettings(_Section):
+    """Contracts per event type and PII policies (docs/governance.md)."""
+
+    contracts: list[ContractSettings] = Field(default_factory=list, description="JSON-Schema contracts, in order.")
+    schema_change_type: str = Field(
+        "{type}.schema-changed",
+        description="CloudEvents type of schema-change events; {type} is the changed event type.",
+    )
+    pii: PiiSettings = Field(default_factory=PiiSettings, description="PII policies.")
+
+    @field_validator("schema_change_type")
+    @classmethod
+    def _change_type(cls, value: str) -> str:
+        from gateway.events.topics import check_pattern
+
+        try:
+            check_pattern(value.format(type="com.example.type").replace("*", "x").replace("#", "x"))
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"expected a dotted event type, optionally with {{type}}: {exc}") from None
+        return value
+
+
 class Settings(BaseSettings):
     """All gateway settings."""
 
@@ -717,6 +879,10 @@ class Settings(BaseSettings):
         "dev",
         description="prod refuses the 'guest' broker user and plaintext amqp:// to non-loopback hosts; "
         "dev and test allow both.",
+    )
+    governance: GovernanceSettings = Field(
+        default_factory=GovernanceSettings,
+        description="Contracts per event type and PII policies, applied before acceptance (docs/governance.md).",
     )
     store: StoreSettings = Field(default_factory=StoreSettings, description="Gateway store.")
     bus: BusSettings = Field(default_factory=BusSettings, description="Message bus.")
@@ -731,6 +897,9 @@ class Settings(BaseSettings):
     bridges: list[BridgeSettings] = Field(
         default_factory=list, description="Forwarders of scored events back to legacy queues (the bridge role)."
     )
+    observability: ObservabilitySettings = Field(
+        default_factory=ObservabilitySettings, description="Metrics collectors and tracing (docs/observability.md)."
+    )
 
     @field_validator("sources")
     @classmethod
@@ -741,6 +910,13 @@ class Settings(BaseSettings):
                 raise ValueError(f"duplicate source name {src.name!r}")
             seen.add(src.name)
         return value
+
+    @model_validator(mode="after")
+    def _prod_api_auth(self) -> Settings:
+        """Profile prod never serves the API without keys (api.auth)."""
+        if self.profile == "prod" and not self.api.auth:
+            raise ValueError("api.auth: profile prod requires API keys; auth: false is allowed only in dev and test")
+        return self
 
     @model_validator(mode="after")
     def _prod_transport_security(self) -> Settings:
@@ -809,7 +985,8 @@ def interpolate(text: str, environ: dict[str, str] | None = None, where: str = "
 
 
 #: Keys whose values are secrets: in a configuration file they must be ``${VAR}`` references.
-SECRET_KEYS = frozenset({"password", "passphrase", "secret", "client_secret", "token", "api_key", "private_key"})
+SECRET_KEYS = frozenset({"password", "passphrase", "secret", "client_secret", "token", "api_key", "private_key",
+                         "key_secret"})
 _ONLY_VAR = re.compile(r"\s*\$\{[A-Za-z_][A-Za-z0-9_]*(?::-[^}]*)?\}\s*")
 
 

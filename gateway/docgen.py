@@ -80,7 +80,7 @@ def render() -> str:
         "Precedence: CLI flags, then environment, then the file. Secrets go in the environment and "
         "reach the file through `${VAR}` or `${VAR:-default}` interpolation (`VAR_FILE` naming a file "
         "works too); they are typed as secrets and never printed. A secret-named key (`password`, `secret`, "
-        "`token`, `api_key`, `passphrase`, `client_secret`, `private_key`) written literally into the file is "
+        "`token`, `api_key`, `key_secret`, `passphrase`, `client_secret`, `private_key`) written literally into the file is "
         "refused by profile `prod` and logged as a warning in `dev` and `test`.\n"
     )
     body = [render_model("Gateway settings", Settings)]

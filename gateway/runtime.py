@@ -23,6 +23,7 @@ from gateway.bus import Bus, Topology, bus_from_settings
 from gateway.config import Settings
 from gateway.errors import ConfigurationError
 from gateway.metrics import ResilienceMetrics, ScoringMetrics, serve_metrics
+from gateway.observability import Instruments, instrument_gateway
 from gateway.relay import Relay
 from gateway.resilience import (
     BreakerRegistry,
@@ -82,6 +83,8 @@ class Gateway:
     scoring_routes: Iterable[str | None] | None = None
     #: The scorer role's model-state checkpointer (a :class:`~gateway.scoring.checkpoint.ModelCheckpointer`).
     checkpointer: Any = field(default=None, init=False)
+    #: Scrape-time collectors, publish/consume wrappers and tracing (docs/observability.md).
+    observability: Instruments = field(init=False)
 
     def __post_init__(self) -> None:
         self.roles = tuple(self.roles)
@@ -107,6 +110,7 @@ class Gateway:
         self._stop = threading.Event()
         self._workers: list[_Worker] = []
         self._closers: list[Callable[[], None]] = []
+        self.observability = instrument_gateway(self)
 
     # ------------------------------------------------------------------ lifecycle
     def _startup_policy(self) -> RetryPolicy:
@@ -125,7 +129,7 @@ class Gateway:
                 self.store.ping()
                 self.bus.declare_topology()
         if "relay" in self.roles:
-            publisher = self.bus.publisher()
+            publisher = self.observability.publisher(self.bus.publisher(), "relay")
             self.relay = Relay(
                 self.store, publisher, self.topology, self.settings.relay,
                 publish_timeout=self.settings.bus.publish_timeout,
@@ -163,7 +167,7 @@ class Gateway:
             raise ConfigurationError(
                 f"unknown scoring route(s) {unknown}; configured: {[r or 'default' for r in sc.route_names()]}"
             )
-        publisher = self.bus.publisher()  # thread-safe; shared by every worker of this process
+        publisher = self.observability.publisher(self.bus.publisher(), "scorer")  # thread-safe; shared by the workers
         self._closers.append(publisher.close)
         scoring_metrics = ScoringMetrics(self.metrics_registry)  # shared by the workers
         models: dict[str, Any] = {}  # model name -> the one instance of this process
@@ -223,12 +227,14 @@ class Gateway:
         # twice: the broker handed the first connection's unacked messages to the second one of
         # the same dead process before noticing that one was gone too, raising every delivery
         # count by 2.
-        consumer = self.bus.consumer(topology.scoring_queue, self.settings.bus.prefetch)
+        consumer = self.observability.consumer(
+            self.bus.consumer(topology.scoring_queue, self.settings.bus.prefetch), topology.scoring_queue
+        )
         self._closers.append(consumer.close)
         workers = []
         for i in range(sc.workers):
             worker = ScoringWorker(
-                consumer, publisher, self.store, model, topology,
+                consumer, publisher, self.observability.scoring_store, model, topology,
                 batch_max=sc.batch_max, batch_linger_ms=sc.batch_linger_ms,
                 max_attempts=self.settings.bus.max_attempts, publish_timeout=self.settings.bus.publish_timeout,
                 retry=retry, breaker=breaker, score_timeout=sc.score_timeout,

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from gateway import __version__
+from gateway.api.auth import Authenticator
 from gateway.api.deps import ApiMetrics
 from gateway.api.limits import BacklogGuard, BodySizeLimitMiddleware
 from gateway.api.problems import install_problem_handlers
-from gateway.api.routers import dead_letters, events, health, scoring
+from gateway.api.routers import audit, dead_letters, events, health, keys, scoring
 from gateway.bus.protocols import Bus
 from gateway.config import Settings
 from gateway.store import EventStore
@@ -24,7 +26,13 @@ _DESCRIPTION = """\
 Accept CloudEvents 1.0 (structured JSON mode) into the gateway's outbox and read stored events with
 their lineage, delivery state and scores; inspect, replay and delete dead letters. Errors are RFC 9457 problem details
 (`application/problem+json`). Operational endpoints (`/healthz`, `/readyz`, `/metrics`) live
-outside `/v1`.
+outside `/v1` and need no key.
+
+Every `/v1` route needs an API key (unless `api.auth` is off): `Authorization: Bearer gw_...`, from
+`gateway keys create` or `POST /v1/keys`. 401: no, a malformed, an unknown or a revoked key;
+403: the key lacks the route's scope (`events:write`, `events:read`, `sources:admin`, `admin`);
+404: also for another source's event when the key is limited to some sources; 429 with
+`Retry-After`: the key is over its rate limit.
 """
 
 
@@ -35,6 +43,7 @@ def create_app(
     *,
     on_accept: Callable[[], None] | None = None,
     registry: CollectorRegistry | None = None,
+    tracing: Any | None = None,
 ) -> FastAPI:
     """Build the REST API.
 
@@ -46,10 +55,15 @@ def create_app(
             its failures are logged, never reported to the client.
         registry: Prometheus registry for this app's metrics; a fresh one when omitted (never the
             process-global default, so several apps can live in one process).
+        tracing: the :class:`~gateway.observability.tracing.Tracing` for request spans; default: the
+            process's, from ``settings.observability`` (None when tracing is off).
 
     Returns:
         The FastAPI application. Collaborators are on ``app.state`` and reached through the
         dependency functions of :mod:`gateway.api.deps`.
+    
+    Raises:
+        ConfigurationError: ``api.auth`` is on, the profile is prod and ``api.key_secret`` is unset.
     """
     app = FastAPI(
         title=API_TITLE,
@@ -65,11 +79,21 @@ def create_app(
     app.state.on_accept = on_accept
     app.state.metrics = ApiMetrics(registry if registry is not None else CollectorRegistry(), store)
     app.state.backlog_guard = BacklogGuard(settings.api.backlog_threshold)
+    app.state.authenticator = Authenticator(settings, store)
 
     install_problem_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.api.max_body_bytes)
+    # Outermost: every answer (a 413 too) gets the request's correlation id (and a span with the otel extra).
+    from gateway.observability.http import RequestContextMiddleware
+    from gateway.observability.tracing import process_tracing
+
+    app.add_middleware(
+        RequestContextMiddleware, tracing=tracing if tracing is not None else process_tracing(settings.observability)
+    )
     app.include_router(events.router, prefix="/v1")
     app.include_router(dead_letters.router, prefix="/v1")
     app.include_router(scoring.router, prefix="/v1")
+    app.include_router(keys.router, prefix="/v1")
+    app.include_router(audit.router, prefix="/v1")
     app.include_router(health.router)
     return app

@@ -1,4 +1,4 @@
-"""Request limits: body size (a pure ASGI middleware) and outbox backpressure."""
+"""Request limits: body size (a pure ASGI middleware), outbox backpressure and the per-key rate limit."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.errors import BackpressureError, StoreUnavailableError
 from gateway.store import EventStore
 
-__all__ = ["MAX_BATCH_EVENTS", "BodyTooLarge", "BodySizeLimitMiddleware", "BacklogGuard"]
+__all__ = ["MAX_BATCH_EVENTS", "BodyTooLarge", "BodySizeLimitMiddleware", "BacklogGuard", "KeyRateLimiter"]
 
 #: Largest number of events in one ``POST /v1/events`` batch.
 MAX_BATCH_EVENTS = 1000
@@ -156,3 +156,43 @@ class BacklogGuard:
                 "nothing was accepted, retry later",
                 retry_after=self.retry_after,
             )
+
+
+class KeyRateLimiter:
+    """A token bucket per API key, in this process: ``rate`` requests per second, ``burst`` at once.
+
+    Each key's bucket starts full (``burst`` tokens) and refills at ``rate`` tokens per second; a
+    request takes one token. Buckets live in this process only, so N API replicas allow N times
+    the rate in total. A hand-written bucket (about 20 lines) rather than a library: the
+    ``limits`` package offers fixed and moving windows, not a burst-plus-rate bucket.
+
+    Args:
+        rate: tokens per second; 0 disables the limit.
+        burst: bucket size.
+        clock: monotonic clock; injectable for tests.
+    """
+
+    def __init__(self, rate: float, burst: int, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
+
+    def acquire(self, key: str) -> float | None:
+        """Take one token of ``key``'s bucket.
+
+        Returns:
+            ``None`` when the request may go on, else the seconds until a token is available.
+        """
+        if self.rate <= 0:
+            return None
+        now = self._clock()
+        with self._lock:
+            tokens, at = self._buckets.get(key, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - at) * self.rate)
+            if tokens >= 1.0:
+                self._buckets[key] = (tokens - 1.0, now)
+                return None
+            self._buckets[key] = (tokens, now)
+            return (1.0 - tokens) / self.rate

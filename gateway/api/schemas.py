@@ -47,6 +47,12 @@ __all__ = [
     "DeadLetterReplayResponse",
     "DeadLetterDeleteRequest",
     "DeadLetterDeleteResponse",
+    "ApiKeyOut",
+    "ApiKeyCreated",
+    "ApiKeyList",
+    "ApiKeyCreateRequest",
+    "AuditEntryOut",
+    "AuditPage",
 ]
 
 #: An aware UTC datetime rendered as RFC 3339 with microseconds and ``Z``.
@@ -393,3 +399,58 @@ class DeadLetterDeleteResponse(_Out):
 
     deleted: int
     ids: list[int]
+
+
+# ---------------------------------------------------------------------------- keys and audit
+class ApiKeyOut(_Out):
+    """An API key as listed: never its token or digest."""
+
+    id: str = Field(description="Public key id (the token's second part).")
+    name: str
+    scopes: list[str] = Field(description="events:write | events:read | sources:admin | admin (admin implies all).")
+    sources: list[str] | None = Field(None, description="Gateway sources the key may touch; null: every source.")
+    created_at: UtcTime
+    revoked_at: UtcTime | None = None
+    last_used_at: UtcTime | None = Field(None, description="Last use (at most a minute stale per API process).")
+
+
+class ApiKeyCreated(ApiKeyOut):
+    """Answer of ``POST /v1/keys``: the key and its token, shown this once."""
+
+    token: str = Field(description="The bearer token. It is not stored and cannot be shown again.")
+
+
+class ApiKeyList(_Out):
+    """Answer of ``GET /v1/keys``."""
+
+    items: list[ApiKeyOut]
+
+
+class ApiKeyCreateRequest(_In):
+    """Body of ``POST /v1/keys``."""
+
+    name: str = Field(min_length=1, max_length=128, description="What the key is for.")
+    scopes: list[str] = Field(min_length=1, max_length=4, description="Some of events:write, events:read, "
+                              "sources:admin, admin.")
+    sources: list[str] | None = Field(None, min_length=1, max_length=100, description="Limit the key to these "
+                                      "gateway sources (not with admin); omit for every source.")
+
+
+class AuditEntryOut(_Out):
+    """One audit log row."""
+
+    id: int
+    at: UtcTime
+    actor_id: str | None = Field(None, description="The API key id; null for the CLI or with api.auth off.")
+    actor_name: str = Field(description="The key's name, cli:<os user>, or anonymous.")
+    action: str = Field(description="key.create | key.revoke | dead_letters.replay | dead_letters.delete | "
+                        "source.cursor.set | source.cursor.reset")
+    target: str | None = None
+    details: dict[str, Any] | None = None
+
+
+class AuditPage(_Out):
+    """One page of ``GET /v1/audit``."""
+
+    items: list[AuditEntryOut]
+    next_cursor: str | None = Field(description="Pass as ``cursor`` for the next page; null on the last page.")

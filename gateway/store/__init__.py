@@ -1,7 +1,9 @@
-"""The gateway store: outbox, cursors and leases, source status, scores, dead letters and model checkpoints (SQLAlchemy + Alembic)."""
+"""The gateway store: outbox, cursors and leases, source status, scores, dead letters, model checkpoints, API keys and the audit log (SQLAlchemy + Alembic)."""
 
+from gateway.store.audit import AUDIT_ACTIONS, Actor, AuditEntry, AuditRepository
 from gateway.store.checkpoints import CheckpointMeta, ModelCheckpointRepository
 from gateway.store.engine import engine_from_settings, make_engine
+from gateway.store.keys import SCOPES, ApiKey, ApiKeyRepository
 from gateway.store.leases import LeaseRepository
 from gateway.store.repository import (
     AcceptResult,
@@ -20,7 +22,13 @@ from gateway.store.status import (
 )
 
 __all__ = [
+    "AUDIT_ACTIONS",
     "AcceptResult",
+    "Actor",
+    "ApiKey",
+    "ApiKeyRepository",
+    "AuditEntry",
+    "AuditRepository",
     "CheckpointMeta",
     "CursorState",
     "DeadLetter",
@@ -29,6 +37,7 @@ __all__ = [
     "LeaseRepository",
     "ModelCheckpointRepository",
     "OutboxRow",
+    "SCOPES",
     "ScoreRecord",
     "SourceStatusRepository",
     "StoredEvent",

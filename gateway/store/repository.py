@@ -34,7 +34,10 @@ from gateway.events.jsonsafe import loads
 from gateway.store._sql import guard as _guard
 from gateway.store._sql import insert_ignore as _insert_ignore
 from gateway.store.attempts import ScoringAttemptRepository
+from gateway.store.audit import AuditRepository
 from gateway.store.checkpoints import ModelCheckpointRepository
+from gateway.store.contracts import ContractRepository
+from gateway.store.keys import ApiKeyRepository
 from gateway.store.leases import LeaseRepository
 from gateway.store.shadow import ShadowRepository
 from gateway.store.schema import (
@@ -238,7 +241,8 @@ def _outbox_rows(batch: Iterable[Event], source_name: str | None, now: datetime)
     return rows
 
 class EventStore(
-    SourceStatusRepository, LeaseRepository, ScoringAttemptRepository, ShadowRepository, ModelCheckpointRepository
+    SourceStatusRepository, LeaseRepository, ScoringAttemptRepository, ShadowRepository, ModelCheckpointRepository,
+    ApiKeyRepository, AuditRepository, ContractRepository,
 ):
     """Repository over the gateway store (source status methods: :class:`SourceStatusRepository`;
     source leases: :class:`~gateway.store.leases.LeaseRepository`; scoring attempts:

@@ -20,10 +20,14 @@ from sqlalchemy.dialects import mysql
 from gateway.store.types import UTCDateTime
 
 __all__ = [
+    "api_keys",
+    "audit_log",
+    "local_secrets",
     "DESIRED_PAUSED",
     "DESIRED_RUNNING",
     "EVENT_PENDING",
     "EVENT_PUBLISHED",
+    "contract_schemas",
     "dead_letters",
     "events",
     "metadata",
@@ -201,4 +205,62 @@ dead_letters = Table(
     UniqueConstraint("dedupe_key"),
     Index(None, "stage", "id"),
     Index(None, "event_id"),
+)
+
+#: API keys (``gateway.store.keys``): only an HMAC-SHA256 digest of each token is stored, keyed by
+#: the server secret ``api.key_secret``. ``sources`` null means every source.
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String(32), primary_key=True, comment="Public key id (part of the token)"),
+    Column("name", String(128), nullable=False),
+    Column("digest", String(64), nullable=False, comment="HMAC-SHA256 of the token (hex)"),
+    Column("scopes", JSON, nullable=False, comment="List of scopes"),
+    Column("sources", JSON, nullable=True, comment="Allowed gateway sources; null: all"),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("revoked_at", UTCDateTime(), nullable=True),
+    Column("last_used_at", UTCDateTime(), nullable=True, comment="Updated at most once a minute per process"),
+)
+
+#: Admin actions (``gateway.store.audit``): key changes, dead-letter replays and deletes, cursor moves.
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("id", _SEQ, primary_key=True, autoincrement=True),
+    Column("at", UTCDateTime(), nullable=False),
+    Column("actor_id", String(32), nullable=True, comment="API key id; null for the CLI or auth off"),
+    Column("actor_name", String(255), nullable=False, comment="Key name, or cli:<os user>"),
+    Column("action", String(64), nullable=False),
+    Column("target", String(255), nullable=True),
+    Column("details", JSON, nullable=True),
+    Index(None, "action", "id"),
+)
+
+#: Secrets the store generates for itself: the dev/test API key secret when ``api.key_secret`` is unset.
+local_secrets = Table(
+    "local_secrets",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", String(128), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+)
+
+#: Contract state per (event type, CloudEvents source) (``gateway.store.contracts``): the current
+#: schema (the shape seen; in evolve mode the contract itself), its version, and in freeze/discard
+#: mode the enforced contract. Schemas are JSON text; LONGTEXT on MariaDB (TEXT stops at 64 KB).
+contract_schemas = Table(
+    "contract_schemas",
+    metadata,
+    Column("event_type", String(255), primary_key=True),
+    Column("source", String(255), primary_key=True, comment="CloudEvents source attribute (the producer)"),
+    Column("source_name", String(128), nullable=True, comment="Gateway source that last changed it"),
+    Column("mode", String(16), nullable=False, comment="evolve | freeze | discard"),
+    Column("version", Integer, nullable=False, comment="1 at creation, +1 per change"),
+    Column("schema_json", Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb"), nullable=False,
+           comment="Current schema (JSON Schema as JSON)"),
+    Column("enforced_json", Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb"), nullable=True,
+           comment="freeze/discard: the enforced contract; null in evolve mode"),
+    Column("base_fingerprint", String(64), nullable=True, comment="SHA-256 of the configured schema, if any"),
+    Column("fingerprint", String(64), nullable=False, comment="SHA-256 of schema_json (canonical)"),
+    Column("updated_at", UTCDateTime(), nullable=False),
 )

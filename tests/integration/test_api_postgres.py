@@ -28,6 +28,13 @@ from tests.unit.test_api import (  # noqa: F401  (fixtures and tests re-collecte
     test_traceparent_header_is_kept,
 )
 
+from tests.unit.test_api_auth import (  # noqa: F401,E402  (auth tests re-collected on PostgreSQL)
+    test_lists_are_filtered_to_the_allowed_sources_across_pages,
+    test_only_a_digest_is_stored,
+    test_revoked_key_is_401_at_once,
+    test_route_matrix_no_key_401_wrong_scope_403_other_source_404,
+)
+
 pytestmark = pytest.mark.integration
 
 

@@ -47,7 +47,11 @@ def ce(i: int = 0, **over: Any) -> dict[str, Any]:
 
 
 def make_client(store: EventStore, settings: Settings | None = None, **kwargs: Any) -> TestClient:
-    app = create_app(settings or Settings(), store, **kwargs)
+    """A client of an app with ``api.auth`` off: these tests are about the routes, not about keys
+    (tests/unit/test_api_auth.py covers authentication)."""
+    settings = settings or Settings()
+    settings = settings.model_copy(update={"api": settings.api.model_copy(update={"auth": False})})
+    app = create_app(settings, store, **kwargs)
     return TestClient(app, raise_server_exceptions=False)
 
 
@@ -502,7 +506,7 @@ def test_500_does_not_leak_exception_text(store: EventStore) -> None:
         def get_event(self, event_id: str) -> None:
             raise RuntimeError("secret hunter2 in the message")
 
-    app: FastAPI = create_app(Settings(), store)
+    app: FastAPI = create_app(Settings(api=ApiSettings(auth=False)), store)
     app.dependency_overrides[get_store] = lambda: Exploding()
     resp = TestClient(app, raise_server_exceptions=False).get("/v1/events/x")
     body = assert_problem(resp, 500)

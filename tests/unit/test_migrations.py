@@ -10,7 +10,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import column, func, insert, inspect, select, table, update
 
-from gateway.store import EventStore, make_engine
+from gateway.store import Actor, EventStore, make_engine
 from gateway.store.migrate import alembic_config, current_revision, upgrade
 from gateway.store.schema import dead_letters, metadata, source_cursors
 
@@ -166,25 +166,55 @@ def test_0005_adds_scoring_attempts_to_a_0004_store(empty_db_url: str) -> None:
         engine.dispose()
 
 
-def test_0006_adds_model_checkpoints_and_head_matches_the_schema(empty_db_url: str) -> None:
+def test_0006_adds_model_checkpoints_to_a_0005_store(empty_db_url: str) -> None:
     engine = make_engine(empty_db_url)
     try:
         upgrade(engine, "0005")
         store = EventStore(engine)
         store.begin_scoring_attempts(["e-1"])
-        upgrade(engine)
+        upgrade(engine, "0006")
         assert current_revision(engine) == "0006"
-        # The revisions create exactly what schema.py declares.
-        with engine.connect() as conn:
-            diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
-        assert diff == []
         assert store.scoring_attempts(["e-1"]) == {"e-1": 1}
         store.save_model_checkpoint("m", "1", "h-1-a", {"events_seen": 3}, 3)
         assert store.load_model_checkpoint("m", "1")[1].events_seen == 3  # type: ignore[index]
         _downgrade(engine, "0005")
         assert "model_checkpoints" not in inspect(engine).get_table_names()
         assert store.scoring_attempts(["e-1"]) == {"e-1": 1}
-        upgrade(engine)
+        upgrade(engine, "0006")
         assert store.load_model_checkpoint("m", "1") is None
+    finally:
+        engine.dispose()
+
+
+def test_head_matches_the_schema(empty_db_url: str) -> None:
+    engine = make_engine(empty_db_url)
+    try:
+        upgrade(engine)
+        # The revisions create exactly what schema.py declares.
+        with engine.connect() as conn:
+            diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
+        assert diff == []
+    finally:
+        engine.dispose()
+
+
+def test_0007_adds_api_keys_and_audit_log_to_a_0006_store(empty_db_url: str) -> None:
+    engine = make_engine(empty_db_url)
+    try:
+        upgrade(engine, "0006")
+        store = EventStore(engine)
+        store.save_model_checkpoint("m", "1", "h-1-a", {"events_seen": 3}, 3)
+        upgrade(engine, "0007")
+        assert current_revision(engine) == "0007"
+        assert store.load_model_checkpoint("m", "1")[1].events_seen == 3  # type: ignore[index]
+        key, _token = store.create_api_key("ci", ["events:read"], ["orders"], secret=store.local_key_secret(),
+                                           actor=Actor(None, "cli:test"))
+        assert [k.id for k in store.list_api_keys()] == [key.id]
+        assert [a.action for a in store.list_audit()] == ["key.create"]
+        _downgrade(engine, "0006")
+        tables = set(inspect(engine).get_table_names())
+        assert not {"api_keys", "audit_log", "local_secrets"} & tables and "model_checkpoints" in tables
+        upgrade(engine, "0007")
+        assert store.list_api_keys() == [] and store.list_audit() == []
     finally:
         engine.dispose()

@@ -17,8 +17,6 @@ from typing import Any
 import numpy as np
 import pytest
 from alembic import command
-from alembic.autogenerate import compare_metadata
-from alembic.migration import MigrationContext
 from sqlalchemy import inspect, update
 
 from gateway.events import Event
@@ -31,7 +29,7 @@ from gateway.scoring.checkpoint import (
 from gateway.scoring.rules import RulesScorer
 from gateway.store import EventStore, make_engine
 from gateway.store.migrate import alembic_config, current_revision, upgrade
-from gateway.store.schema import metadata, model_checkpoints
+from gateway.store.schema import model_checkpoints
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 PAY, LOGIN = "com.acme.payment.created", "com.acme.login.succeeded"
@@ -378,14 +376,13 @@ def engine(sqlite_url: str) -> Iterator[Any]:
     e.dispose()
 
 
-def test_0006_adds_model_checkpoints_to_a_0005_store_and_head_matches_the_schema(engine: Any) -> None:
+def test_0006_adds_model_checkpoints_to_a_0005_store(engine: Any) -> None:
+    # (That the head revision matches schema.py is tests/unit/test_migrations.py's check.)
     upgrade(engine, "0005")
     EventStore(engine).begin_scoring_attempts(["e-1"])
-    upgrade(engine)
+    upgrade(engine, "0006")
     assert current_revision(engine) == "0006"
-    with engine.connect() as conn:
-        diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
-    assert diff == []
+    assert "model_checkpoints" in inspect(engine).get_table_names()
     store = EventStore(engine)
     assert store.scoring_attempts(["e-1"]) == {"e-1": 1}
     store.save_model_checkpoint(NAME, "1", "w", {"events_seen": 3}, 3)

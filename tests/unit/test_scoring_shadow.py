@@ -127,7 +127,7 @@ def test_compare_over_rest(sqlite_store: EventStore) -> None:
     from gateway.config import Settings
 
     _seed_pairs(sqlite_store)
-    settings = Settings.model_validate({"scoring": {"model": "champion", "shadow": {"model": "challenger"},
+    settings = Settings.model_validate({"api": {"auth": False}, "scoring": {"model": "champion", "shadow": {"model": "challenger"},
                                                     "models": {"champion": {"kind": "online-anomaly"},
                                                                "challenger": {"kind": "online-anomaly"}}}})
     client = TestClient(create_app(settings, sqlite_store), raise_server_exceptions=False)
@@ -137,7 +137,7 @@ def test_compare_over_rest(sqlite_store: EventStore) -> None:
                                                      "threshold": 0.25}).json()
     assert body["threshold"] == 0.25 and body["agreement"] == 1.0  # 0.6 and 0.3 both >= 0.25
     assert client.get("/v1/scoring/compare", params={"threshold": 2}).status_code == 422
-    plain = TestClient(create_app(Settings(), sqlite_store), raise_server_exceptions=False)
+    plain = TestClient(create_app(Settings(api={"auth": False}), sqlite_store), raise_server_exceptions=False)
     assert plain.get("/v1/scoring/compare").status_code == 400
 
 

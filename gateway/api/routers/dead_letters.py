@@ -1,7 +1,7 @@
 """``/v1/dead-letters``: inspect, replay and delete what the gateway parked.
 
-Every route lives on :data:`router`, so one dependency (authentication, an ``admin`` scope) can
-guard them all: ``app.include_router(router, dependencies=[...])``. Replays go through the store
+Every route lives on :data:`router`, which requires the ``admin`` scope for all of them; replays
+and deletes are written to the audit log. Replays go through the store
 (:mod:`gateway.deadletters`): they are durable, idempotent and paced, whichever process runs the
 relay. A request replays at most :data:`~gateway.deadletters.REPLAY_MAX_ROWS` dead letters and
 blocks while it paces them, so a request that would take longer than
@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Response
 from fastapi.exceptions import RequestValidationError
 
+from gateway.api.auth import AdminDep, require_scope
 from gateway.api.deps import (
     OnAcceptDep,
     SettingsDep,
@@ -47,7 +48,12 @@ __all__ = ["MAX_DELETE_ROWS", "MAX_REPLAY_SECONDS", "router"]
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/dead-letters", tags=["dead-letters"])
+router = APIRouter(
+    prefix="/dead-letters",
+    tags=["dead-letters"],
+    dependencies=[Depends(require_scope("admin"))],
+    responses=problem_responses(401, 403, 429),
+)
 
 #: A replay request must finish within this many seconds at its rate (it blocks while pacing).
 MAX_REPLAY_SECONDS = 300.0
@@ -132,7 +138,7 @@ def get_dead_letter(dead_letter_id: DeadLetterId, store: StoreDep) -> DeadLetter
     summary="Replay dead letters through the outbox (idempotent, rate-limited)",
 )
 def replay_dead_letters(
-    body: DeadLetterReplayRequest, store: StoreDep, settings: SettingsDep, on_accept: OnAcceptDep
+    body: DeadLetterReplayRequest, store: StoreDep, settings: SettingsDep, on_accept: OnAcceptDep, principal: AdminDep
 ) -> DeadLetterReplayResponse:
     """Replay dead letters by ``ids`` or by ``filter`` (at most 1000 per request).
 
@@ -161,6 +167,12 @@ def replay_dead_letters(
             errors=[{"loc": ["body", "rate"], "msg": f"at least {work / MAX_REPLAY_SECONDS:g} for this selection"}],
         )
     report = replayer.replay_rows(rows, again=body.again, dry_run=body.dry_run, not_found=missing)
+    if not body.dry_run:
+        replayed = [i.id for i in report.items if i.outcome in ("requeued", "accepted")]
+        failed = [i.id for i in report.items if i.outcome == "failed"]
+        if replayed or failed:
+            store.record_audit(principal.actor, "dead_letters.replay", f"dead-letters:{len(replayed)}",
+                               {"replayed": replayed, "failed": failed, "again": body.again})
     return DeadLetterReplayResponse.model_validate(report.to_dict())
 
 
@@ -171,11 +183,13 @@ def replay_dead_letters(
     responses=problem_responses(404, 422, 503),
     summary="Delete one dead letter",
 )
-def delete_dead_letter(dead_letter_id: DeadLetterId, store: StoreDep) -> Response:
+def delete_dead_letter(dead_letter_id: DeadLetterId, store: StoreDep, principal: AdminDep) -> Response:
     """Delete one dead letter (after inspecting or replaying it); 404 if unknown."""
     if not store.delete_dead_letters([dead_letter_id]):
         raise HTTPException(404, f"no dead letter with id {dead_letter_id}")
     log.warning("dead letter deleted through the API: %d", dead_letter_id)
+    store.record_audit(principal.actor, "dead_letters.delete", f"dead-letter:{dead_letter_id}",
+                       {"ids": [dead_letter_id]})
     return Response(status_code=204)
 
 
@@ -185,7 +199,9 @@ def delete_dead_letter(dead_letter_id: DeadLetterId, store: StoreDep) -> Respons
     responses=problem_responses(409, 422, 503),
     summary="Delete dead letters by ids or filter, confirming the expected count",
 )
-def delete_dead_letters(body: DeadLetterDeleteRequest, store: StoreDep) -> DeadLetterDeleteResponse:
+def delete_dead_letters(
+    body: DeadLetterDeleteRequest, store: StoreDep, principal: AdminDep
+) -> DeadLetterDeleteResponse:
     """Delete the dead letters ``ids`` or ``filter`` select -- only if they are exactly ``confirm``.
 
     A filter with no state selects open and replayed ones. When the selection holds another number
@@ -215,4 +231,6 @@ def delete_dead_letters(body: DeadLetterDeleteRequest, store: StoreDep) -> DeadL
         raise problem
     deleted = store.delete_dead_letters(ids)
     log.warning("dead letters deleted through the API: %s", ids)
+    if deleted:
+        store.record_audit(principal.actor, "dead_letters.delete", f"dead-letters:{deleted}", {"ids": ids})
     return DeadLetterDeleteResponse(deleted=deleted, ids=ids)

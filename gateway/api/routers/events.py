@@ -10,6 +10,7 @@ using the same client id never collide. The client's id is kept in the extension
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import json
 import logging
 import re
@@ -23,6 +24,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from gateway.api.auth import EventsReadDep, EventsWriteDep, Principal
 from gateway.api.deps import (
     BacklogDep,
     MetricsDep,
@@ -44,7 +46,7 @@ from gateway.api.schemas import (
 )
 from gateway.errors import BackpressureError, ContractError
 from gateway.events import EXT_ADAPTER, EXT_POSITION, EXT_SOURCE_NAME, EXT_TRACEPARENT, Event, event_id, format_time, utcnow
-from gateway.store import EventFilter
+from gateway.store import EventFilter, EventStore, StoredEvent
 
 __all__ = [
     "router",
@@ -207,7 +209,7 @@ def _loc_text(loc: list[Any]) -> str:
     return out
 
 
-_ACCEPT_RESPONSES = problem_responses(400, 413, 415, 422, 503)
+_ACCEPT_RESPONSES = problem_responses(400, 401, 403, 413, 415, 422, 429, 503)
 _REQUEST_BODY = {
     "required": True,
     "description": "One structured-mode CloudEvent, or a JSON array of them (a batch).",
@@ -229,6 +231,7 @@ _REQUEST_BODY = {
 )
 async def accept_events(
     request: Request,
+    principal: EventsWriteDep,
     store: StoreDep,
     guard: BacklogDep,
     metrics: MetricsDep,
@@ -239,8 +242,16 @@ async def accept_events(
     Answers 202 once the events are committed, 400 for malformed JSON, 413 for a body or batch
     too large, 415 for another content type, 422 naming each invalid attribute, and 503 with
     ``Retry-After`` when the outbox backlog is above the threshold or the store is unavailable
-    (nothing was accepted then).
+    (nothing was accepted then). Needs ``events:write``; a key limited to sources other than
+    ``rest`` (the REST source) gets 403.
     """
+    if not principal.allows_source(REST_SOURCE_NAME):
+        metrics.requests_rejected.labels("forbidden-source").inc()
+        raise ApiProblem(
+            403, "forbidden-source", "Forbidden",
+            f"API key {principal.key_id} may not ingest into source {REST_SOURCE_NAME!r} "
+            f"(it is limited to {', '.join(sorted(principal.sources or ()))})",
+        )
     media = _media_type(request)
     if media not in ACCEPTED_CONTENT_TYPES:
         metrics.requests_rejected.labels("unsupported-media-type").inc()
@@ -294,16 +305,18 @@ async def accept_events(
 @router.get(
     "/{event_id}",
     response_model=EventRecord,
-    responses=problem_responses(404, 503),
+    responses=problem_responses(401, 403, 404, 429, 503),
     summary="One event with lineage, delivery state and scores",
 )
 def get_event(
     event_id: Annotated[str, Path(description="The gateway event id.")],
+    principal: EventsReadDep,
     store: StoreDep,
 ) -> EventRecord:
-    """Return the stored CloudEvent, its lineage, delivery status and scores; 404 if unknown."""
+    """Return the stored CloudEvent, its lineage, delivery status and scores; 404 if unknown or
+    from a source the key may not read (the same answer: it does not reveal that the event exists)."""
     stored = store.get_event(event_id)
-    if stored is None:
+    if stored is None or not principal.allows_source(stored.source_name):
         shown = event_id if len(event_id) <= 80 else event_id[:80] + "..."
         raise HTTPException(404, f"no event with id {shown!r}")
     return record_from_stored(stored)
@@ -312,10 +325,11 @@ def get_event(
 @router.get(
     "",
     response_model=EventPage,
-    responses=problem_responses(422, 503),
+    responses=problem_responses(401, 403, 422, 429, 503),
     summary="List events (filters, cursor pagination)",
 )
 def list_events(
+    principal: EventsReadDep,
     store: StoreDep,
     limit: Annotated[int, Depends(page_limit)],
     after_seq: Annotated[int | None, Depends(page_cursor)],
@@ -326,7 +340,10 @@ def list_events(
     min_score: Annotated[float | None, Query(ge=0, le=1, description="Only events with a score >= this.")] = None,
     status: Annotated[Literal["pending", "published"] | None, Query(description="Delivery status.")] = None,
 ) -> EventPage:
-    """List events in acceptance order; pass ``next_cursor`` back as ``cursor`` for the next page."""
+    """List events in acceptance order; pass ``next_cursor`` back as ``cursor`` for the next page.
+
+    A key limited to some sources sees only their events (a ``source`` outside them: an empty page).
+    """
     if time_from is not None and time_to is not None and time_from > time_to:
         raise RequestValidationError(
             [{"type": "value_error", "loc": ("query", "time_from"), "msg": "time_from must not be after time_to",
@@ -335,10 +352,32 @@ def list_events(
     flt = EventFilter(
         source_name=source, type=event_type, time_from=time_from, time_to=time_to, min_score=min_score, status=status
     )
-    rows = store.list_events(flt, limit=limit + 1, after_seq=after_seq)
+    rows = _visible_events(store, principal, flt, limit=limit + 1, after_seq=after_seq)
     more = len(rows) > limit
     rows = rows[:limit]
     return EventPage(
         items=[record_from_stored(r) for r in rows],
         next_cursor=encode_cursor(rows[-1].seq) if more and rows else None,
     )
+
+
+def _visible_events(
+    store: EventStore, principal: Principal, flt: EventFilter, *, limit: int, after_seq: int | None
+) -> list[StoredEvent]:
+    """``store.list_events`` limited to the sources ``principal`` may read.
+
+    For a restricted key without a ``source`` filter, each allowed source is queried (each page
+    already in acceptance order) and the pages are merged: the first ``limit`` of the merge are
+    exactly the first ``limit`` of the union.
+    """
+    if not principal.restricted:
+        return store.list_events(flt, limit=limit, after_seq=after_seq)
+    if flt.source_name is not None:
+        if not principal.allows_source(flt.source_name):
+            return []
+        return store.list_events(flt, limit=limit, after_seq=after_seq)
+    pages = [
+        store.list_events(dataclasses.replace(flt, source_name=name), limit=limit, after_seq=after_seq)
+        for name in sorted(principal.sources or ())
+    ]
+    return list(heapq.merge(*pages, key=lambda r: r.seq))[:limit]
