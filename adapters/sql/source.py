@@ -26,7 +26,7 @@ SQLAlchemy objects with bound values only (SEC-02); a custom ``query`` is run ex
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -47,7 +47,7 @@ from adapters.sql.values import ROW_HASH_FIELD, RowConverter, SoftDeleteRule, ro
 from adapters.sql.window import SeenWindow
 from gateway.errors import ConfigurationError, GatewayError, PermanentError
 from gateway.events import format_time, jsonable, parse_time, utcnow
-from gateway.events.jsonsafe import dumps
+from gateway.events.jsonsafe import dumps, format_time_cached
 
 __all__ = ["SqlConfig", "SqlSource"]
 
@@ -242,7 +242,7 @@ class SqlSource(PollingSource[SqlConfig]):
                 shape, params["last_key"] = "after", cursor["key"]
         rows = self._execute(q.timestamp(shape), params)
         late = self._late_records(cursor) if overlap and shape == "after" else []
-        records = [self._record(row, self._ts_position) for row in rows]
+        records = self._records(rows, self._ts_position)
         new_cursor = dict(records[-1].position) if records else (dict(cursor) if cursor is not None else None)
         if overlap:
             self._hold_seen([*late, *records], new_cursor, cursor)
@@ -266,8 +266,7 @@ class SqlSource(PollingSource[SqlConfig]):
         }
         key_name, ts_name = q.key.name, q.ts.name
         unseen = []
-        for row in self._execute(q.window_keys(), params):
-            data, _ = self._convert.convert(row)
+        for data, _ in self._converted(self._execute(q.window_keys(), params)):
             if (data[key_name], data[ts_name]) not in self._seen:
                 unseen.append(data[key_name])
         if not unseen:
@@ -275,8 +274,8 @@ class SqlSource(PollingSource[SqlConfig]):
         keys = list(dict.fromkeys(unseen))
         late: list[Record | _Unreadable] = []
         for i in range(0, len(keys), _KEYS_PER_QUERY):  # after a restart the whole window is unseen
-            for row in self._execute(q.window_rows(), {**params, "keys": keys[i : i + _KEYS_PER_QUERY]}):
-                rec = self._record(row, self._ts_position)
+            for rec in self._records(self._execute(q.window_rows(), {**params, "keys": keys[i : i + _KEYS_PER_QUERY]}),
+                                     self._ts_position):
                 if (rec.data[key_name], rec.data[ts_name]) not in self._seen:
                     late.append(rec)
         late.sort(key=lambda r: (r.data[ts_name], r.data[key_name]))  # chunks each come ordered
@@ -296,7 +295,7 @@ class SqlSource(PollingSource[SqlConfig]):
                 f"source {self.source_name!r}: {cfg.timestamp_column!r} holds "
                 f"{type(ts).__name__}, expected a timestamp"
             )
-        return {"ts": format_time(ts), "key": data[cfg.key_column]}
+        return {"ts": format_time_cached(ts), "key": data[cfg.key_column]}
 
     # ------------------------------------------------------------------ incrementing
     def _fetch_by_key(self, cursor: Mapping[str, Any] | None, limit: int) -> Batch:
@@ -308,7 +307,7 @@ class SqlSource(PollingSource[SqlConfig]):
             assert cursor is not None
             params["last_key"] = cursor["key"]
         rows = self._execute(q.by_key(after), params)
-        records = [self._record(row, self._key_position) for row in rows]
+        records = self._records(rows, self._key_position)
         new_cursor = dict(records[-1].position) if records else (dict(cursor) if cursor else None)
         return self._batch(records, new_cursor, has_more=len(rows) == limit)
 
@@ -324,7 +323,7 @@ class SqlSource(PollingSource[SqlConfig]):
         if cursor is not None:
             params["last_xid"], params["last_key"] = int(cursor["xid"]), cursor["key"]
         rows = self._execute(q.by_xid(after), params)
-        records = [self._record(row, self._xid_position) for row in rows]
+        records = self._records(rows, self._xid_position)
         new_cursor = dict(records[-1].position) if records else (dict(cursor) if cursor else None)
         return self._batch(records, new_cursor, has_more=len(rows) == limit)
 
@@ -344,7 +343,7 @@ class SqlSource(PollingSource[SqlConfig]):
             params["last_key"] = last
         rows = self._execute(q.by_key(last is not None), params)
         key = self.config.key_column
-        records = [self._record(row, lambda d: {"snapshot_key": d[key], "pass": n}, with_hash=True) for row in rows]
+        records = self._records(rows, lambda d: {"snapshot_key": d[key], "pass": n}, with_hash=True)
         if len(rows) == limit:
             return self._batch(records, {"snapshot_key": records[-1].data[key], "pass": n}, has_more=True)
         return self._batch(records, {"snapshot_key": None, "pass": n + 1}, has_more=False)
@@ -362,7 +361,7 @@ class SqlSource(PollingSource[SqlConfig]):
             params["last_key"] = last
         rows = self._execute(q.by_key(last is not None), params)
         key = cfg.key_column
-        records = [self._record(row, lambda d: {"snapshot_key": d[key]}) for row in rows]
+        records = self._records(rows, lambda d: {"snapshot_key": d[key]})
         if len(rows) == limit:
             return self._batch(records, {"snapshot_key": records[-1].data[key], "since": cursor["since"]}, has_more=True)
         if cfg.mode == "timestamp_key":
@@ -394,7 +393,7 @@ class SqlSource(PollingSource[SqlConfig]):
         position = {
             "timestamp_key": self._ts_position, "incrementing": self._key_position, "xid": self._xid_position,
         }[cfg.mode]
-        records = [self._record(row, position) for row in rows]
+        records = self._records(rows, position)
         self._check_order(cursor, records)
         new_cursor = dict(records[-1].position) if records else (dict(cursor) if cursor else None)
         return self._batch(records, new_cursor, has_more=len(rows) >= limit)
@@ -423,19 +422,50 @@ class SqlSource(PollingSource[SqlConfig]):
             prev = rec.position
 
     # ------------------------------------------------------------------ rows to records
-    def _record(
-        self, row: Mapping[str, Any], position: Callable[[Mapping[str, Any]], dict[str, Any]], *, with_hash: bool = False
-    ) -> Record | _Unreadable:
-        data, error = self._convert.convert(row)
-        pos = position(data)
+    def _converted(self, rows: _Rows) -> Iterator[tuple[dict[str, Any], str | None]]:
+        """Each row of ``rows`` converted (:meth:`RowConverter.convert`): data and error."""
+        convert = self._convert
+        if rows.by_name:
+            for row in rows:
+                yield convert.convert(row._mapping)
+            return
+        plan = convert.plan(rows.names)
+        convert_values = convert.convert_values
+        for row in rows:
+            yield convert_values(plan, row)
+
+    def _records(
+        self, rows: _Rows, position: Callable[[Mapping[str, Any]], dict[str, Any]], *, with_hash: bool = False
+    ) -> list[Record | _Unreadable]:
+        """The records of ``rows``; the conversion plan is made once for the whole result."""
         ts_col = self.config.timestamp_column
-        if "ts" in pos and ts_col and not self._ts_aware:
-            raw = row.get(ts_col)
-            if isinstance(raw, datetime) and raw.tzinfo is None and self._bind_ts(parse_time(pos["ts"])) != raw:
-                # A local time the zone does not have (the hour skipped in spring) does not survive
-                # the round trip through UTC: keep the column's own value, so binding the cursor back
-                # cannot move it past the rows that follow.
-                pos["ts_local"] = raw.isoformat(timespec="microseconds")
+        if rows.by_name:  # a result with a repeated column name: read by name, as a mapping (as before)
+            return [
+                self._record(data, error, row._mapping.get(ts_col) if ts_col else None, position, with_hash)
+                for row, (data, error) in zip(rows, self._converted(rows))
+            ]
+        at = rows.names.index(ts_col) if ts_col and ts_col in rows.names else None
+        record = self._record
+        if at is None:
+            return [record(data, error, None, position, with_hash) for data, error in self._converted(rows)]
+        return [record(data, error, row[at], position, with_hash) for row, (data, error) in zip(rows, self._converted(rows))]
+
+    def _record(
+        self, data: dict[str, Any], error: str | None, raw_ts: Any,
+        position: Callable[[Mapping[str, Any]], dict[str, Any]], with_hash: bool,
+    ) -> Record | _Unreadable:
+        """One converted row as a record (``raw_ts``: the row's timestamp column as read, or ``None``)."""
+        pos = position(data)
+        # A local time the zone does not have (the hour skipped in spring) does not survive the
+        # round trip through UTC: keep the column's own value, so binding the cursor back cannot
+        # move it past the rows that follow. In a UTC naive_timezone every local time survives it
+        # (no gaps): the check cannot fire there, so it is skipped.
+        if (
+            "ts" in pos and self.config.timestamp_column and not self._ts_aware
+            and isinstance(raw_ts, datetime) and raw_ts.tzinfo is None and not self._convert.utc_zone
+            and self._bind_ts(parse_time(pos["ts"])) != raw_ts
+        ):
+            pos["ts_local"] = raw_ts.isoformat(timespec="microseconds")
         if error is not None:
             return _Unreadable(data=data, position=pos, reason=f"source {self.source_name!r}: row {pos}: {error}")
         if with_hash:
@@ -548,7 +578,9 @@ class SqlSource(PollingSource[SqlConfig]):
         conn = self._connection()
         try:
             result = conn.execute(statement, dict(params))
-            return result.scalar_one() if scalar else result.mappings().all()
+            if scalar:
+                return result.scalar_one()
+            return _Rows([str(k) for k in result.keys()], result.all())
         except DBAPIError:
             self._conn = None  # reconnect on the next poll
             conn.invalidate()
@@ -590,6 +622,16 @@ def _key_of(cursor: Mapping[str, Any] | None) -> Any:
     if cursor is None:
         return None
     return cursor.get("snapshot_key", cursor.get("key"))
+
+
+class _Rows(list):  # type: ignore[type-arg]
+    """The rows of one result (tuple-like, in column order) and its column names."""
+
+    def __init__(self, names: list[str], rows: Sequence[Any]) -> None:
+        super().__init__(rows)
+        self.names = names
+        #: A column name appears twice: rows are read by name, through their mapping (as before).
+        self.by_name = len(set(names)) != len(names)
 
 
 @dataclass(frozen=True, slots=True)

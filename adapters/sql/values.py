@@ -12,9 +12,11 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
-from datetime import datetime, timezone, tzinfo
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import date, datetime, time, timedelta, timezone, tzinfo
+from decimal import Decimal
 from typing import Any
+from uuid import UUID
 
 import orjson
 from sqlalchemy import CHAR, NCHAR, Column
@@ -38,6 +40,16 @@ def row_hash(data: Mapping[str, Any]) -> str:
     """SHA-256 (hex) over the canonical JSON of ``data``: sorted keys, exact decimals, UTC times."""
     canonical = orjson.dumps(jsonable(dict(data)), option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
     return hashlib.sha256(canonical).hexdigest()
+
+
+_UTC = timezone.utc
+
+#: Exact value types a row converts as they are (not datetime, text or binary; their subclasses
+#: take the full rules).
+_AS_IS = frozenset({type(None), int, float, bool, Decimal, date, time, timedelta, UUID})
+
+#: What a column's text values need: nothing, CHAR padding trimmed, or parsing as a timestamp.
+_TEXT_PLAIN, _TEXT_CHAR, _TEXT_TS = 0, 1, 2
 
 
 def _to_utc(value: datetime, zone: tzinfo) -> datetime:
@@ -72,6 +84,8 @@ class RowConverter:
         self._encodings = dict(encodings or {})
         self._errors = errors
         self._text_ts = frozenset(text_timestamps)
+        #: The zone is UTC (the default ``naive_timezone``), which has no gaps or folds.
+        self.utc_zone = getattr(zone, "key", None) == "UTC"
 
     @classmethod
     def for_columns(cls, columns: Iterable[Column[Any]], zone: tzinfo, **kwargs: Any) -> RowConverter:
@@ -85,40 +99,78 @@ class RowConverter:
             The record data, and ``None`` or the reason the row cannot be read (an undecodable
             value); the data then holds that column's raw bytes.
         """
+        items = list(row.items())
+        return self.convert_values(self.plan([str(k) for k, _ in items]), [v for _, v in items])
+
+    def plan(self, names: Sequence[str]) -> list[tuple[str, int]]:
+        """Per column of a result (by position): its name and what its text values need
+        (:data:`_TEXT_PLAIN`, :data:`_TEXT_CHAR`, :data:`_TEXT_TS`) -- decided once per result,
+        not per value."""
+        return [
+            (name, _TEXT_CHAR if name in self._char else _TEXT_TS if name in self._text_ts else _TEXT_PLAIN)
+            for name in names
+        ]
+
+    def convert_values(self, plan: Sequence[tuple[str, int]], values: Iterable[Any]) -> tuple[dict[str, Any], str | None]:
+        """Convert one row given as the :meth:`plan` of its result and its values, in order.
+
+        The common value types are told by their exact type (one set lookup: numbers, dates and
+        ``None`` pass as they are); anything else goes through :meth:`_convert_one`, the full
+        rules. The result is the same either way.
+        """
         data: dict[str, Any] = {}
         error: str | None = None
-        for key, value in row.items():
-            name = str(key)
-            if value is None:
-                data[name] = None
-            elif isinstance(value, datetime):
-                data[name] = _to_utc(value, self._zone)
-            elif isinstance(value, str):
-                if name in self._char:
-                    value = value.rstrip(" ")
-                elif name in self._text_ts:
-                    value = _to_utc(datetime.fromisoformat(value), self._zone)
+        utc_zone = self.utc_zone
+        zone = self._zone
+        for (name, text), value in zip(plan, values):
+            t = type(value)
+            if t in _AS_IS:
                 data[name] = value
-            elif isinstance(value, (bytes, bytearray, memoryview)):
-                raw = bytes(value)
-                codec = self._encodings.get(name)
-                if codec is None:
-                    data[name] = raw
-                    continue
-                try:
-                    data[name] = raw.decode(codec, self._errors)
-                except UnicodeDecodeError as exc:
-                    data[name] = raw
-                    if error is None:
-                        bad = raw[exc.start : exc.end].hex()
-                        error = (
-                            f"column {name!r}: bytes are not valid {codec} text "
-                            f"(byte(s) 0x{bad} at offset {exc.start}); fix the data or the "
-                            "column_encodings codec, or set encoding_errors: replace"
-                        )
+            elif t is datetime:
+                if value.tzinfo is None:
+                    # In UTC the fields stay and the zone is set (what ``astimezone`` gives, fold 0).
+                    data[name] = (
+                        value.replace(tzinfo=_UTC, fold=0) if utc_zone else value.replace(tzinfo=zone).astimezone(_UTC)
+                    )
+                else:
+                    data[name] = value.astimezone(_UTC)
+            elif t is str and text == _TEXT_PLAIN:
+                data[name] = value
+            elif t is str and text == _TEXT_CHAR:
+                data[name] = value.rstrip(" ")
             else:
-                data[name] = value
+                data[name], bad = self._convert_one(name, value)
+                if bad is not None and error is None:
+                    error = bad
         return data, error
+
+    def _convert_one(self, name: str, value: Any) -> tuple[Any, str | None]:
+        """One value by the full rules: the converted value, and the reason it cannot be read."""
+        if value is None:
+            return None, None
+        if isinstance(value, datetime):
+            return _to_utc(value, self._zone), None
+        if isinstance(value, str):
+            if name in self._char:
+                value = value.rstrip(" ")
+            elif name in self._text_ts:
+                value = _to_utc(datetime.fromisoformat(value), self._zone)
+            return value, None
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            raw = bytes(value)
+            codec = self._encodings.get(name)
+            if codec is None:
+                return raw, None
+            try:
+                return raw.decode(codec, self._errors), None
+            except UnicodeDecodeError as exc:
+                bad = raw[exc.start : exc.end].hex()
+                return raw, (
+                    f"column {name!r}: bytes are not valid {codec} text "
+                    f"(byte(s) 0x{bad} at offset {exc.start}); fix the data or the "
+                    "column_encodings codec, or set encoding_errors: replace"
+                )
+        return value, None
 
 
 class SoftDeleteRule:

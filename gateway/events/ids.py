@@ -13,7 +13,7 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
-from gateway.events.timeutil import format_time
+from gateway.events.jsonsafe import format_time_cached
 
 __all__ = ["EVENT_NAMESPACE", "event_id", "canonical", "uuid5"]
 
@@ -28,10 +28,15 @@ def canonical(value: Any) -> str:
     through different drivers or time zones gives the same id. Composite keys are joined with
     ``/`` after rendering each part.
     """
+    t = type(value)
+    if t is int or t is str:  # the common keys: no isinstance chain
+        return str(value)
+    if t is datetime:  # the common version: often formatted already for the same record
+        return format_time_cached(value)
     if value is None:
         return ""
     if isinstance(value, datetime):
-        return format_time(value)
+        return format_time_cached(value)
     if isinstance(value, date):
         return value.isoformat()
     if isinstance(value, Decimal):
@@ -55,7 +60,8 @@ def event_id(source: str, entity: str, key: Any, version: Any) -> str:
     Returns:
         A UUIDv5 string.
     """
-    if isinstance(key, Sequence) and not isinstance(key, (str, bytes)):
+    t = type(key)
+    if t is not int and t is not str and isinstance(key, Sequence) and not isinstance(key, (str, bytes)):
         key = tuple(key)
     return uuid5(f"{source}|{entity}|{canonical(key)}|{canonical(version)}")
 

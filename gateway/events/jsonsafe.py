@@ -6,14 +6,56 @@ import base64
 import orjson
 import uuid
 from collections.abc import Mapping
-from datetime import date, datetime, time
+from datetime import date, datetime, time, timezone
 from decimal import Decimal
 from enum import Enum
 from typing import Any
 
 from gateway.events.timeutil import format_time
 
-__all__ = ["jsonable", "dumps", "dumps_text", "loads"]
+__all__ = ["jsonable", "dumps", "dumps_text", "loads", "format_time_cached"]
+
+_UTC = timezone.utc
+
+#: UTC datetimes :func:`format_time_cached` formatted lately -> their text (emptied when full).
+_TIME_TEXT: dict[datetime, str] = {}
+_TIME_TEXT_MAX = 16384
+
+
+def format_time_cached(value: datetime) -> str:
+    """:func:`~gateway.events.timeutil.format_time`, remembering the text of recent UTC values.
+
+    A record's timestamp is formatted several times on its way to an event (the cursor position,
+    the id's version, the data field, the envelope's ``time``), and legacy tables have runs of equal
+    timestamps: a repeat costs a dict lookup instead of ``astimezone`` + ``isoformat``. Only plain
+    ``datetime`` values whose zone is :data:`datetime.timezone.utc` are cached: equal ones are the
+    same instant (UTC has no folds), so they have the same text; others are formatted each time.
+    """
+    if type(value) is datetime and value.tzinfo is _UTC:
+        text = _TIME_TEXT.get(value)
+        if text is None:
+            text = value.isoformat(timespec="microseconds")[:-6] + "Z"
+            if len(_TIME_TEXT) >= _TIME_TEXT_MAX:
+                _TIME_TEXT.clear()
+            _TIME_TEXT[value] = text
+        return text
+    return format_time(value)
+
+
+def _b64(value: bytes) -> str:
+    return base64.b64encode(value).decode("ascii")
+
+
+#: Exact types -> their JSON-safe form, tried before the ``isinstance`` chain of :func:`jsonable`
+#: (the same result for these types; subclasses and the rest take the chain).
+_EXACT: dict[type, Any] = {
+    Decimal: str,
+    datetime: format_time_cached,
+    date: date.isoformat,
+    time: time.isoformat,
+    bytes: _b64,
+    uuid.UUID: str,
+}
 
 
 def jsonable(value: Any) -> Any:
@@ -22,7 +64,15 @@ def jsonable(value: Any) -> Any:
     Decimals become strings (exact; a float would round them), datetimes ISO-8601 UTC, dates and
     times ISO-8601, bytes base64, enums their value, and mappings/sequences recursively.
     """
-    if value is None or isinstance(value, (str, bool, int)):
+    t = type(value)
+    if t is str or t is int or t is bool or value is None:
+        return value
+    conv = _EXACT.get(t)
+    if conv is not None:
+        return conv(value)
+    if t is dict:
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (str, bool, int)):
         return value
     if isinstance(value, float):
         if value != value or value in (float("inf"), float("-inf")):
@@ -31,7 +81,7 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, Decimal):
         return str(value)
     if isinstance(value, datetime):
-        return format_time(value)
+        return format_time_cached(value)
     if isinstance(value, (date, time)):
         return value.isoformat()
     if isinstance(value, (bytes, bytearray, memoryview)):

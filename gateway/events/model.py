@@ -14,8 +14,8 @@ from datetime import datetime
 from typing import Any
 
 from gateway.errors import ContractError
-from gateway.events.jsonsafe import dumps, loads
-from gateway.events.timeutil import format_time, parse_time
+from gateway.events.jsonsafe import dumps, format_time_cached, loads
+from gateway.events.timeutil import parse_time
 
 __all__ = [
     "Event",
@@ -76,7 +76,7 @@ class Event:
             "id": self.id,
             "source": self.source,
             "type": self.type,
-            "time": format_time(self.time),
+            "time": format_time_cached(self.time),
             "datacontenttype": self.datacontenttype,
         }
         if self.subject is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import string
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from adapters.base import Record
@@ -18,6 +18,17 @@ from gateway.sources.rules import apply_rules
 __all__ = ["Mapper"]
 
 _PLAIN = frozenset({str, int, bool, type(None)})
+_UTC = timezone.utc
+
+
+def _plain_dict(value: Any) -> bool:
+    """Whether ``value`` is a ``dict`` of ``str`` keys and plain values (what ``jsonable`` returns as is)."""
+    if type(value) is not dict:
+        return False
+    for k, v in value.items():
+        if type(k) is not str or type(v) not in _PLAIN:
+            return False
+    return True
 
 
 class Mapper:
@@ -65,19 +76,24 @@ class Mapper:
         """
         m = self.mapping
         data_in = apply_rules(record.data, m.parse, self.source_name) if m.parse else record.data
-        key_values = [self._field(data_in, k) for k in m.key]
-        if any(v is None for v in key_values):
-            raise ContractError(f"source {self.source_name!r}: key field(s) {m.key} contain NULL")
-        key: Any = key_values[0] if len(key_values) == 1 else key_values
+        if len(m.key) == 1:  # the common single-column key: no list
+            k = m.key[0]
+            key: Any = data_in[k] if k in data_in else self._field(data_in, k)
+            if key is None:
+                raise ContractError(f"source {self.source_name!r}: key field(s) {m.key} contain NULL")
+        else:
+            key = [data_in[k] if k in data_in else self._field(data_in, k) for k in m.key]
+            if any(v is None for v in key):
+                raise ContractError(f"source {self.source_name!r}: key field(s) {m.key} contain NULL")
         version = self._field(data_in, m.version) if m.version else None
         time = self._time(data_in) if m.time else utcnow()
-        names = m.data if m.data is not None else list(data_in)
+        names = m.data if m.data is not None else data_in
         rename = m.rename
         data = {}
         for n in names:
             v = data_in[n] if n in data_in else self._field(data_in, n)
             # Most legacy values are already JSON-safe; skip the converter for them (hot path).
-            data[rename.get(n, n)] = v if type(v) in _PLAIN else jsonable(v)
+            data[rename.get(n, n) if rename else n] = v if type(v) in _PLAIN else jsonable(v)
         if record.deleted:
             data["_deleted"] = True
         subject = None
@@ -90,14 +106,16 @@ class Mapper:
             EXT_SOURCE_NAME: self.source_name,
             EXT_ADAPTER: self.adapter_kind,
         }
-        if record.position is not None:
-            ext[EXT_POSITION] = dumps(jsonable(record.position)).decode("utf-8")
+        position = record.position
+        if position is not None:
+            # A flat position of plain values (the SQL adapter's) is JSON-safe as it is: no copy.
+            ext[EXT_POSITION] = dumps(position if _plain_dict(position) else jsonable(position)).decode("utf-8")
         if record.lenient:
             ext["lenient"] = True
         return Event(
             id=event_id(self.source_name, m.entity, key, version),
             source=self.ce_source,
-            type=m.type + (".deleted" if record.deleted else ""),
+            type=m.type + ".deleted" if record.deleted else m.type,
             time=time,
             subject=subject,
             data=data,
@@ -106,6 +124,8 @@ class Mapper:
 
     def _time(self, record: Mapping[str, Any]) -> datetime:
         value = self._field(record, self.mapping.time or "")
+        if type(value) is datetime and value.tzinfo is _UTC:  # the adapters' values: already UTC
+            return value
         if isinstance(value, datetime):
             return to_utc(value)
         if isinstance(value, str):

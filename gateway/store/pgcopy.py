@@ -10,6 +10,7 @@ keys were new.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import itemgetter
 from typing import Any
 
 import psycopg
@@ -47,19 +48,61 @@ def _processor(column: Column[Any], conn: Connection) -> Any:
     return column.type.bind_processor(conn.dialect)
 
 
+def _copy_rows(cur: Any, copy_sql: Any, rows: Sequence[dict[str, Any]], columns: list[str], processors: list[Any],
+               *, ordinal: bool) -> None:
+    """COPY ``rows`` (their ``columns``, through ``processors``; with ``ord`` first if ``ordinal``)."""
+    get = itemgetter(*columns)
+    single = len(columns) == 1
+    convert = [(i, p) for i, p in enumerate(processors) if p is not None]
+    with cur.copy(copy_sql) as cp:
+        write = cp.write_row
+        for i, row in enumerate(rows):
+            values = [get(row)] if single else list(get(row))
+            for at, p in convert:
+                values[at] = p(values[at])
+            write([i, *values] if ordinal else values)
+
+
 def copy_insert(
-    conn: Connection, table: Table, rows: Sequence[dict[str, Any]], conflict: Sequence[str], returning: str
+    conn: Connection,
+    table: Table,
+    rows: Sequence[dict[str, Any]],
+    conflict: Sequence[str],
+    returning: str,
+    *,
+    direct_first: bool = False,
 ) -> list[Any]:
     """Insert ``rows`` into ``table`` skipping conflicts on ``conflict``; returns ``returning`` of new rows.
 
     Must run inside the caller's transaction (the staging table empties on commit).
+
+    ``direct_first`` (``returning`` must be one of the rows' columns): first COPY the rows straight
+    into ``table`` under a savepoint -- when none of them exists yet (the common case: new records
+    of a source), that is the whole insert, without the staging table, the sort and the
+    ``INSERT ... SELECT``. Any integrity error (a key that exists, also one a concurrent
+    transaction just committed, or a key repeated in ``rows``) rolls back to the savepoint, and the
+    staging path below does the insert with its usual semantics (and reports any other error as
+    before). Either way the rows are inserted in their order (``seq`` follows the batch order).
     """
     if not rows:
         return []
     columns = list(rows[0])
-    staging = _staging(table, columns)
     raw = conn.connection.driver_connection
     processors = [_processor(table.c[c], conn) for c in columns]
+    if direct_first and returning in columns:
+        direct_sql = sql.SQL("COPY {} ({}) FROM STDIN").format(
+            sql.Identifier(table.name), sql.SQL(", ").join(map(sql.Identifier, columns))
+        )
+        try:
+            with conn.begin_nested(), raw.cursor() as cur:
+                _copy_rows(cur, direct_sql, rows, columns, processors, ordinal=False)
+        except psycopg.IntegrityError:
+            pass  # rolled back to the savepoint: the staging path sorts it out
+        except psycopg.Error as exc:
+            raise DBAPIError(f"COPY into {table.name}", None, exc) from exc
+        else:
+            return [row[returning] for row in rows]
+    staging = _staging(table, columns)
     try:
         with raw.cursor() as cur:
             # Every time: a rolled-back transaction takes the CREATE with it.
@@ -71,9 +114,7 @@ def copy_insert(
             copy_sql = sql.SQL("COPY {} ({}) FROM STDIN").format(
                 sql.Identifier(staging.name), sql.SQL(", ").join(map(sql.Identifier, ["ord", *columns]))
             )
-            with cur.copy(copy_sql) as cp:
-                for i, row in enumerate(rows):
-                    cp.write_row([i, *(p(row[c]) if p else row[c] for c, p in zip(columns, processors))])
+            _copy_rows(cur, copy_sql, rows, columns, processors, ordinal=True)
     except psycopg.Error as exc:  # raw-cursor errors in SQLAlchemy's type, like every other store error
         raise DBAPIError(f"COPY into {staging.name}", None, exc) from exc
     stmt = (

@@ -374,7 +374,8 @@ class EventStore(
         pipelined executemany).
         """
         if self._pg:
-            return [str(i) for i in self._copy_insert(conn, events, rows, ["id"], "id")]
+            # Straight COPY into events first: new ids are the common case (see copy_insert).
+            return [str(i) for i in self._copy_insert(conn, events, rows, ["id"], "id", direct_first=True)]
         existing: set[str] = set()
         for chunk in _chunks([r["id"] for r in rows], 1000):
             existing.update(conn.execute(self._q_event_exists, {"ids": list(chunk)}).scalars())

@@ -37,6 +37,16 @@ def test_accept_is_idempotent_and_writes_cursor(any_store: EventStore) -> None:
     assert any_store.stats()["events"] == 12
 
 
+def test_a_new_batch_goes_in_whole_and_a_repeat_within_it_falls_back_without_loss(any_store: EventStore) -> None:
+    # PostgreSQL COPYs a batch straight into events and falls back to the de-duplicating path on a
+    # unique violation: an id repeated inside an otherwise new batch must neither fail nor double.
+    fresh = any_store.accept([ev(i) for i in range(100, 105)], source_name="src")
+    assert fresh.inserted == [ev(i).id for i in range(100, 105)] and not fresh.duplicates
+    mixed = any_store.accept([ev(200), ev(201), ev(200), ev(202)], source_name="src")
+    assert mixed.inserted == [ev(200).id, ev(201).id, ev(202).id]  # the repeat collapses before the insert
+    assert any_store.stats()["events"] == 8
+
+
 def test_stale_epoch_writes_nothing(any_store: EventStore) -> None:
     old = any_store.try_acquire_lease("src", "a", 30)
     assert old is not None and any_store.release_lease("src", "a", old)
