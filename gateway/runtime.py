@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 from gateway.bus import Bus, Topology, bus_from_settings
 from gateway.config import Settings
 from gateway.errors import ConfigurationError
+from gateway.governance import Governance
 from gateway.metrics import ResilienceMetrics, ScoringMetrics, serve_metrics
 from gateway.observability import Instruments, instrument_gateway
 from gateway.relay import Relay
@@ -147,6 +148,7 @@ class Gateway:
                 runner = SourceRunner(
                     src, self.store, on_accept=self.wake_relay, breakers=self.breakers,
                     resilience=self.settings.resilience, backpressure=self.backpressure,
+                    governance=Governance.from_settings(self.settings, self.store),  # one per runner (thread)
                 )
                 self.runners.append(runner)
                 self._spawn(f"source:{src.name}", runner.run)

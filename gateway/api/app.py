@@ -80,6 +80,9 @@ def create_app(
     app.state.metrics = ApiMetrics(registry if registry is not None else CollectorRegistry(), store)
     app.state.backlog_guard = BacklogGuard(settings.api.backlog_threshold)
     app.state.authenticator = Authenticator(settings, store)
+    from gateway.governance import Governance
+
+    app.state.governance = Governance.from_settings(settings, store)  # PII and contracts on REST ingest
 
     install_problem_handlers(app)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.api.max_body_bytes)

@@ -92,6 +92,10 @@ class AcceptResponse(_Out):
     accepted: list[str] = Field(description="Gateway ids newly stored by this request.")
     duplicates: list[str] = Field(description="Gateway ids that were stored already (idempotent retry).")
     ids: list[str] = Field(description="The gateway id of every event, in request order.")
+    discarded: list[str] = Field(
+        default_factory=list,
+        description="Gateway ids a contract in mode discard dropped (not stored; see docs/governance.md).",
+    )
 
 
 class ModelRef(_Out):

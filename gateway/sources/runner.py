@@ -73,6 +73,7 @@ from gateway.errors import (
 )
 from gateway.events import Event, jsonable, utcnow
 from gateway.events.jsonsafe import dumps, loads
+from gateway.governance import Governance
 from gateway.plugins import load_adapter
 from gateway.resilience import (
     BreakerListener,
@@ -239,9 +240,12 @@ class SourceRunner:
         lease_ttl: float | None = None,
         resilience: ResilienceSettings | None = None,
         backpressure: OutboxBackpressure | None = None,
+        governance: Governance | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
+        #: PII policies and contracts applied right before the outbox commit (docs/governance.md).
+        self.governance = governance if governance is not None and governance.active else None
         self.adapter = adapter or build_adapter(settings)
         self.mapper = Mapper(settings.mapping, settings.name, self.adapter.kind)
         self.status = SourceStatus(settings.name)
@@ -429,17 +433,25 @@ class SourceRunner:
             try:
                 events, rejects = self.map_batch(batch)
                 result = AcceptResult(inserted=[], duplicates=[])
+                contract_rejects = 0
                 if batch.records or batch.rejects:  # an empty poll writes nothing: no transaction at all
                     for attempt in self._store_retrying:
                         with attempt:
-                            result = self.store.accept(
-                                events,
-                                source_name=self.settings.name,
-                                cursor=batch.cursor,
-                                epoch=self._epoch,
-                                write_cursor=True,
-                                rejects=rejects,
-                            )
+                            if self.governance is None:
+                                result = self.store.accept(
+                                    events,
+                                    source_name=self.settings.name,
+                                    cursor=batch.cursor,
+                                    epoch=self._epoch,
+                                    write_cursor=True,
+                                    rejects=rejects,
+                                )
+                            else:  # inside the retry: a contract conflict (transient) re-checks the batch
+                                result, governed = self.governance.accept(
+                                    self.store, events, source_name=self.settings.name, cursor=batch.cursor,
+                                    epoch=self._epoch, write_cursor=True, rejects=rejects,
+                                )
+                                contract_rejects = len(governed.rejects)
             except BaseException:
                 self._release(batch)  # not committed: the adapter gives back what it holds
                 raise
@@ -455,7 +467,7 @@ class SourceRunner:
         st.last_poll_at = utcnow()
         st.events_accepted += len(result.inserted)
         st.duplicates += len(result.duplicates)
-        st.rejected += len(rejects)
+        st.rejected += len(rejects) + contract_rejects
         recovered = st.last_error is not None
         st.last_error = None
         self._set_state("idle")

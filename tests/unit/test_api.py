@@ -97,7 +97,7 @@ def test_accept_one_event(client: TestClient) -> None:
     resp = post(client, ce(1), "application/cloudevents+json")
     assert resp.status_code == 202, resp.text
     gid = gateway_event_id(SOURCE, "c-1")
-    assert resp.json() == {"accepted": [gid], "duplicates": [], "ids": [gid]}
+    assert resp.json() == {"accepted": [gid], "duplicates": [], "ids": [gid], "discarded": []}
 
     got = client.get(f"/v1/events/{gid}")
     assert got.status_code == 200
@@ -118,7 +118,7 @@ def test_accept_batch_in_request_order(client: TestClient) -> None:
     resp = post(client, batch, "application/cloudevents-batch+json")
     assert resp.status_code == 202, resp.text
     ids = [gateway_event_id(SOURCE, f"c-{i}") for i in range(3)]
-    assert resp.json() == {"accepted": ids, "duplicates": [], "ids": ids}
+    assert resp.json() == {"accepted": ids, "duplicates": [], "ids": ids, "discarded": []}
     assert [it["id"] for it in all_items(client)] == ids
 
 
@@ -127,7 +127,7 @@ def test_retry_is_idempotent(client: TestClient) -> None:
     first = post(client, batch).json()
     again = post(client, batch)
     assert again.status_code == 202
-    assert again.json() == {"accepted": [], "duplicates": first["ids"], "ids": first["ids"]}
+    assert again.json() == {"accepted": [], "duplicates": first["ids"], "ids": first["ids"], "discarded": []}
 
     mixed = post(client, [ce(0), ce(9)]).json()
     assert mixed["accepted"] == [gateway_event_id(SOURCE, "c-9")]
@@ -314,7 +314,7 @@ def test_content_type_and_shape_must_match(client: TestClient) -> None:
 
 
 def test_empty_batch_is_accepted_trivially(client: TestClient) -> None:
-    assert post(client, []).json() == {"accepted": [], "duplicates": [], "ids": []}
+    assert post(client, []).json() == {"accepted": [], "duplicates": [], "ids": [], "discarded": []}
 
 
 # ============================================================================ limits

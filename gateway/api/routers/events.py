@@ -45,7 +45,16 @@ from gateway.api.schemas import (
     record_from_stored,
 )
 from gateway.errors import BackpressureError, ContractError
-from gateway.events import EXT_ADAPTER, EXT_POSITION, EXT_SOURCE_NAME, EXT_TRACEPARENT, Event, event_id, format_time, utcnow
+from gateway.events import (
+    EXT_ADAPTER,
+    EXT_POSITION,
+    EXT_SOURCE_NAME,
+    EXT_TRACEPARENT,
+    Event,
+    event_id,
+    format_time,
+    utcnow,
+)
 from gateway.store import EventFilter, EventStore, StoredEvent
 
 __all__ = [
@@ -277,17 +286,33 @@ async def accept_events(
         raise
 
     ids = [ev.id for ev in events]
+    discarded: list[str] = []
     if events:
+        governance = request.app.state.governance
         try:
-            result = await run_in_threadpool(lambda: store.accept(events, source_name=REST_SOURCE_NAME))
+            result, outcome = await run_in_threadpool(_govern_and_accept, governance, store, events)
         except Exception:
             metrics.requests_rejected.labels("store-unavailable").inc()
             raise
+        if result is None:  # a contract refused some events: a REST client can fix its request
+            metrics.requests_rejected.labels("contract-violation").inc()
+            errors = [
+                {"loc": ["body", ids.index(eid)], "msg": str(v), "type": "contract"}
+                for eid, violations in outcome.rejected_ids.items() for v in violations
+            ]
+            raise ApiProblem(
+                422, "contract-violation", "Event violates its contract",
+                f"{len(outcome.rejected_ids)} event(s) violate their contract, nothing was accepted: "
+                + "; ".join(e["msg"] for e in errors[:5]),
+                errors=errors,
+            )
         # Report in request order, each id once (a batch may repeat an event).
         inserted = set(result.inserted)
+        kept = {ev.id for ev in outcome.accepted} if outcome is not None else set(ids)
         unique = list(dict.fromkeys(ids))
         accepted = [i for i in unique if i in inserted]
-        duplicates = [i for i in unique if i not in inserted]
+        duplicates = [i for i in unique if i not in inserted and i in kept]
+        discarded = [i for i in unique if i not in kept]
     else:
         accepted, duplicates = [], []
     metrics.events_accepted.inc(len(accepted))
@@ -298,8 +323,24 @@ async def accept_events(
             on_accept()
         except Exception:  # the events are committed; a failed wake-up only delays the relay
             log.exception("on_accept callback failed")
-    answer = AcceptResponse(accepted=accepted, duplicates=duplicates, ids=ids)
+    answer = AcceptResponse(accepted=accepted, duplicates=duplicates, ids=ids, discarded=discarded)
     return JSONResponse(answer.model_dump(), status_code=202)
+
+
+def _govern_and_accept(governance: Any, store: Any, events: list[Event]) -> tuple[Any, Any]:
+    """PII policies and contracts (docs/governance.md), then the one accept transaction.
+
+    Returns ``(AcceptResult, ContractOutcome)``; ``(None, outcome)`` when a contract rejected an
+    event (all or nothing, as every REST batch); ``outcome`` is None without governance.
+    """
+    if not governance.active:
+        return store.accept(events, source_name=REST_SOURCE_NAME), None
+    outcome = governance.prepare(events, REST_SOURCE_NAME)
+    if outcome.rejected_ids:
+        return None, outcome
+    if outcome.updates or outcome.extra_events:
+        store.save_contract_updates(outcome.updates, outcome.extra_events)
+    return store.accept(outcome.accepted, source_name=REST_SOURCE_NAME), outcome
 
 
 @router.get(
