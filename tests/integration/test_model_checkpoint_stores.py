@@ -13,8 +13,6 @@ from typing import Any
 
 import pytest
 from alembic import command
-from alembic.autogenerate import compare_metadata
-from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
 from gateway.events import Event
@@ -22,7 +20,6 @@ from gateway.scoring import LockedScorer, OnlineAnomalyScorer
 from gateway.scoring.checkpoint import ModelCheckpointer
 from gateway.store import EventStore, make_engine
 from gateway.store.migrate import alembic_config, current_revision, upgrade
-from gateway.store.schema import metadata
 
 pytestmark = pytest.mark.integration
 
@@ -52,13 +49,12 @@ def wide_events(types: int, fields: int, values: int) -> list[Event]:
     return out
 
 
-def test_migration_0006_on_a_0005_store_matches_the_schema(engine: Any) -> None:
+def test_migration_0006_on_a_0005_store_up_and_down(engine: Any) -> None:
+    # (That the head revision matches schema.py is tests/unit/test_migrations.py's check, on every database.)
     upgrade(engine, "0005")
-    upgrade(engine)
+    upgrade(engine, "0006")
     assert current_revision(engine) == "0006"
-    with engine.connect() as conn:
-        diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
-    assert diff == []
+    assert "model_checkpoints" in inspect(engine).get_table_names()
     cfg = alembic_config()
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
