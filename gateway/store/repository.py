@@ -19,6 +19,7 @@ from sqlalchemy import (
     any_,
     bindparam,
     delete,
+    false,
     func,
     or_,
     select,
@@ -203,6 +204,12 @@ class EventFilter:
     time_to: datetime | None = None
     min_score: float | None = None
     status: str | None = None
+    subject: str | None = None
+    max_score: float | None = None
+    #: Only events scored by this model (name); with min_score/max_score, that model's score.
+    model: str | None = None
+    #: Only events of these sources (a restricted API key); None: every source.
+    sources: tuple[str, ...] | None = None
 
 
 class _AlreadyReplayed(Exception):
@@ -627,10 +634,19 @@ class EventStore(
             cond.append(events.c.time < flt.time_to)
         if flt.status:
             cond.append(events.c.status == flt.status)
-        if flt.min_score is not None:
-            cond.append(
-                events.c.id.in_(select(scores.c.event_id).where(scores.c.score >= flt.min_score))
-            )
+        if flt.subject:
+            cond.append(events.c.subject == flt.subject)
+        if flt.sources is not None:
+            cond.append(events.c.source_name.in_(list(flt.sources)) if flt.sources else false())
+        score_cond = [
+            c for c in (
+                scores.c.score >= flt.min_score if flt.min_score is not None else None,
+                scores.c.score <= flt.max_score if flt.max_score is not None else None,
+                scores.c.model_name == flt.model if flt.model else None,
+            ) if c is not None
+        ]
+        if score_cond:
+            cond.append(events.c.id.in_(select(scores.c.event_id).where(and_(*score_cond))))
         query = select(events).where(and_(true(), *cond)).order_by(events.c.seq).limit(limit)
         with _guard('list_events'), self.engine.connect() as conn:
             rows = conn.execute(query).all()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -107,6 +109,31 @@ def test_scores_are_idempotent(any_store: EventStore) -> None:
     assert any_store.list_events(EventFilter(min_score=0.5), limit=10)[0].event["id"] == e.id
     assert not any_store.list_events(EventFilter(min_score=0.95), limit=10)
     assert any_store.top_scored(1)[0][0] == 0.9
+
+
+def test_list_filters_by_model_score_range_subject_and_sources(any_store: EventStore) -> None:
+    a, b = ev(1, source="s1"), ev(2, source="s2")
+    c = dataclasses.replace(ev(3, source="s3"), subject="order/3")
+    any_store.accept([a], source_name="s1")
+    any_store.accept([b], source_name="s2")
+    any_store.accept([c], source_name="s3")
+    now = utcnow()
+    any_store.save_scores([
+        ScoreRecord(a.id, "m1", "1", 0.9, None, a.type, "s1", a.time, now),
+        ScoreRecord(a.id, "m2", "1", 0.1, None, a.type, "s1", a.time, now),
+        ScoreRecord(b.id, "m1", "1", 0.4, None, b.type, "s2", b.time, now),
+    ])
+
+    def ids(**kw: object) -> list[str]:
+        return [r.event["id"] for r in any_store.list_events(EventFilter(**kw), limit=10)]  # type: ignore[arg-type]
+
+    assert ids(model="m1") == [a.id, b.id]
+    assert ids(model="m2", min_score=0.5) == []  # the range applies to that model's score
+    assert ids(model="m1", min_score=0.5) == [a.id]
+    assert ids(max_score=0.2) == [a.id]  # m2's 0.1
+    assert ids(min_score=0.3, max_score=0.5) == [b.id]
+    assert ids(subject="order/3") == [c.id] and ids(subject="nope") == []
+    assert ids(sources=("s1", "s3")) == [a.id, c.id] and ids(sources=()) == []
 
 
 def test_list_filters_and_pagination(any_store: EventStore) -> None:

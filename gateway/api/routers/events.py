@@ -10,7 +10,6 @@ using the same client id never collide. The client's id is kept in the extension
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import json
 import logging
 import re
@@ -379,6 +378,10 @@ def list_events(
     time_from: Annotated[Rfc3339 | None, Query(description="Event time >= this (RFC 3339).")] = None,
     time_to: Annotated[Rfc3339 | None, Query(description="Event time < this (RFC 3339).")] = None,
     min_score: Annotated[float | None, Query(ge=0, le=1, description="Only events with a score >= this.")] = None,
+    max_score: Annotated[float | None, Query(ge=0, le=1, description="Only events with a score <= this.")] = None,
+    model: Annotated[str | None, Query(max_length=128, description="Only events scored by this model (name); "
+                                       "min_score/max_score then apply to its score.")] = None,
+    subject: Annotated[str | None, Query(max_length=512, description="CloudEvents subject, exact.")] = None,
     status: Annotated[Literal["pending", "published"] | None, Query(description="Delivery status.")] = None,
 ) -> EventPage:
     """List events in acceptance order; pass ``next_cursor`` back as ``cursor`` for the next page.
@@ -390,8 +393,14 @@ def list_events(
             [{"type": "value_error", "loc": ("query", "time_from"), "msg": "time_from must not be after time_to",
               "input": None}]
         )
+    if min_score is not None and max_score is not None and min_score > max_score:
+        raise RequestValidationError(
+            [{"type": "value_error", "loc": ("query", "min_score"), "msg": "min_score must not be above max_score",
+              "input": min_score}]
+        )
     flt = EventFilter(
-        source_name=source, type=event_type, time_from=time_from, time_to=time_to, min_score=min_score, status=status
+        source_name=source, type=event_type, time_from=time_from, time_to=time_to, min_score=min_score, status=status,
+        subject=subject, max_score=max_score, model=model,
     )
     rows = _visible_events(store, principal, flt, limit=limit + 1, after_seq=after_seq)
     more = len(rows) > limit
@@ -405,20 +414,10 @@ def list_events(
 def _visible_events(
     store: EventStore, principal: Principal, flt: EventFilter, *, limit: int, after_seq: int | None
 ) -> list[StoredEvent]:
-    """``store.list_events`` limited to the sources ``principal`` may read.
-
-    For a restricted key without a ``source`` filter, each allowed source is queried (each page
-    already in acceptance order) and the pages are merged: the first ``limit`` of the merge are
-    exactly the first ``limit`` of the union.
-    """
+    """``store.list_events`` limited to the sources ``principal`` may read (one query)."""
     if not principal.restricted:
         return store.list_events(flt, limit=limit, after_seq=after_seq)
-    if flt.source_name is not None:
-        if not principal.allows_source(flt.source_name):
-            return []
-        return store.list_events(flt, limit=limit, after_seq=after_seq)
-    pages = [
-        store.list_events(dataclasses.replace(flt, source_name=name), limit=limit, after_seq=after_seq)
-        for name in sorted(principal.sources or ())
-    ]
-    return list(heapq.merge(*pages, key=lambda r: r.seq))[:limit]
+    if flt.source_name is not None and not principal.allows_source(flt.source_name):
+        return []
+    allowed = tuple(sorted(principal.sources or ()))
+    return store.list_events(dataclasses.replace(flt, sources=allowed), limit=limit, after_seq=after_seq)
