@@ -63,6 +63,22 @@ class ShadowRepository:
 
     engine: Engine
 
+    def score_versions(self) -> list[dict[str, Any]]:
+        """Per (model name, version): how many scores the store holds and the newest ``scored_at``."""
+        query = (
+            select(scores.c.model_name, scores.c.model_version, func.count().label("n"),
+                   func.max(scores.c.scored_at).label("last"))
+            .group_by(scores.c.model_name, scores.c.model_version)
+            .order_by(scores.c.model_name, scores.c.model_version)
+        )
+        with guard("score_versions"), self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        return [
+            {"model": r.model_name, "version": r.model_version, "scores": int(r.n),
+             "last_scored_at": r.last.isoformat() if r.last is not None else None}
+            for r in rows
+        ]
+
     def compare_scores(
         self,
         primary: str,

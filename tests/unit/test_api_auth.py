@@ -120,6 +120,7 @@ ROUTES: list[tuple[str, str, str, dict[str, Any]]] = [
     ("post", "/v1/events", "events:write", {"json": ce(1)}),
     ("get", "/v1/events", "events:read", {}),
     ("get", "/v1/events/{event_id}", "events:read", {}),
+    ("get", "/v1/scoring/models", "events:read", {}),
     ("get", "/v1/scoring/compare", "events:read", {"params": {"shadow": "s"}}),
     ("get", "/v1/dead-letters", "admin", {}),
     ("get", "/v1/dead-letters/{dead_letter_id}", "admin", {}),

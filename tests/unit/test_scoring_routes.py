@@ -199,3 +199,30 @@ def test_worker_route_option_names_the_configured_routes(tmp_path: Path) -> None
     assert bad.exit_code == 2 and "unknown scoring route(s) ['nope']; configured: ['default', 'pay']" in bad.output
     wrong_role = runner.invoke(app, ["worker", "--role", "relay", "--route", "pay", "-c", str(cfg)])
     assert wrong_role.exit_code == 2 and "--route applies to --role scorer only" in wrong_role.output
+
+
+def test_the_models_in_use_over_rest_hide_secrets(sqlite_store: object) -> None:
+    from fastapi.testclient import TestClient
+
+    from gateway.api import create_app
+    from gateway.events import utcnow
+    from gateway.store import ScoreRecord
+
+    settings = Settings(profile="test", api={"auth": False}, scoring={
+        "model": "online-anomaly",
+        "models": {"fraud": {"kind": "oip", "options": {"url": "https://m.example/v2", "model": "fraud",
+                                                        "headers": {"Authorization": "Bearer s3cr3t"}}}},
+        "routes": [{"name": "pay", "types": ["payments.#"], "model": "fraud", "shadow": {"model": "rules-x"}}],
+    })
+    ev = make_events(1)[0]
+    sqlite_store.accept([ev], source_name="orders")  # type: ignore[attr-defined]
+    sqlite_store.save_scores([ScoreRecord(ev.id, "fraud", "3", 0.5, None, ev.type, "orders", ev.time, utcnow())])  # type: ignore[attr-defined]
+    body = TestClient(create_app(settings, sqlite_store)).get("/v1/scoring/models")  # type: ignore[arg-type]
+    assert body.status_code == 200
+    got = body.json()
+    assert [r["route"] for r in got["routes"]] == ["default", "pay"]
+    assert got["routes"][1] == {"route": "pay", "types": ["payments.#"], "model": "fraud", "fallback": None,
+                                "shadow": {"model": "rules-x", "fraction": 0.1}}
+    assert got["models"]["fraud"]["kind"] == "oip" and "s3cr3t" not in body.text and "m.example" not in body.text
+    assert got["versions"][0]["model"] == "fraud" and got["versions"][0]["scores"] == 1
+    assert got["versions"][0]["last_scored_at"]

@@ -1,4 +1,4 @@
-"""``/v1/scoring``: the shadow comparison report (docs/scoring.md, Shadow scoring)."""
+"""``/v1/scoring``: the models in use and the shadow comparison report (docs/scoring.md)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,39 @@ from gateway.api.problems import ApiProblem, problem_responses
 __all__ = ["router"]
 
 router = APIRouter(prefix="/scoring", tags=["scoring"])
+
+
+def _redacted(value: Any, path: str = "") -> Any:
+    """Model options as configured, with every value under a secret-looking key replaced."""
+    from gateway.scoring.registry import _SECRET_WORDS
+
+    if isinstance(value, dict):
+        return {k: ("***" if any(w in str(k).lower() for w in _SECRET_WORDS) and not isinstance(v, (dict, list))
+                    else _redacted(v, f"{path}.{k}")) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redacted(v, path) for v in value]
+    return value
+
+
+@router.get("/models", summary="The models in use", responses=problem_responses(401, 403, 429, 503))
+def models(principal: EventsReadDep, settings: SettingsDep, store: StoreDep) -> dict[str, Any]:
+    """The scoring routes (default route first: type patterns, model, fallback, shadow), the
+    configured model instances (kind and options, secret-looking values hidden), and per model
+    name and version what the store holds: scores and the last time one was stored."""
+    sc = settings.scoring
+    routes = []
+    for name in sc.route_names():
+        r = sc.for_route(name)
+        types = ["(every type of no other route)"] if name is None else next(
+            list(x.types) for x in sc.routes if x.name == name)
+        routes.append({
+            "route": name or "default", "types": types, "model": r.model, "fallback": r.fallback,
+            "shadow": r.shadow.model_dump() if r.shadow is not None else None,
+        })
+    configured = {
+        name: {"kind": m.kind, "options": _redacted(m.options)} for name, m in sorted(sc.models.items())
+    }
+    return {"routes": routes, "models": configured, "versions": store.score_versions()}
 
 
 @router.get(
