@@ -23,7 +23,7 @@ Register it in your ``pyproject.toml``::
     [project.entry-points."gateway.adapters"]
     drop-folder = "my_package:DropFolderSource"
 
-The contract every adapter keeps (a standard test suite for it is planned in ``adapters.testing``):
+The contract every adapter keeps (the standard test suite in ``adapters.testing`` checks it; docs/plugins.md):
 
 * ``fetch(cursor, limit)`` is a pure function of the source's committed state and ``cursor``:
   calling it twice with the same cursor returns the same records (until the source changes).

@@ -1071,6 +1071,31 @@ def audit_list(
                        f"{r.action:22} {_short(r.target, 30):30} {_short(dumps_text(r.details) if r.details else '', 80)}")
 
 
+adapter_app = typer.Typer(help="Adapter plugins: scaffold a new one.", no_args_is_help=True)
+app.add_typer(adapter_app, name="adapter")
+
+
+@adapter_app.command("new")
+def adapter_new(
+    name: Annotated[str, typer.Argument(help="Adapter name users write as `adapter:`, e.g. erp-files.")],
+    directory: Annotated[Optional[Path], typer.Option("--dir", "-d", help="Folder to create (default: ./NAME).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Write into a non-empty folder.")] = False,
+) -> None:
+    """Scaffold an adapter plugin package: entry point, typed config, tests using the standard suite, README."""
+    from gateway.scaffold import names_for, render_plugin
+
+    target = directory if directory is not None else Path(name)
+    try:
+        written = render_plugin(name, target, force=force)
+    except (ValueError, FileExistsError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    names = names_for(name)
+    for path in written:
+        typer.echo(f"created {path}")
+    typer.echo(f"next: pip install -e '{target}[test]' && pytest {target}  (adapter {names.adapter!r}, package {names.package})")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
