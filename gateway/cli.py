@@ -175,23 +175,6 @@ def _stamp(value: Any) -> str:
     return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value is not None else "-"
 
 
-def _lease_word(cursor: Any, now: Any) -> str:
-    """``live`` | ``expired`` | ``free`` for a source's lease (``-``: the source never ran)."""
-    if cursor is None:
-        return "-"
-    if cursor.lease_owner is None:
-        return "free"
-    return "live" if cursor.lease_live(now) else "expired"
-
-
-def _runner_live(runner: Any, src: Any, now: Any) -> bool:
-    """Whether a runner heartbeat is recent: runners write at least every status_interval, or
-    every lease_ttl/3 while standby."""
-    from datetime import timedelta
-
-    return bool(runner.updated_at >= now - timedelta(seconds=max(3 * src.status_interval, src.lease_ttl)))
-
-
 @sources_app.command("list")
 def sources_list(
     config: ConfigOpt = None,
@@ -200,61 +183,38 @@ def sources_list(
     """List configured sources with their state, breaker, events, last poll, drift, lease and last error.
 
     The state is what the source's lease holder last wrote to the store (any process); see
-    docs/operations.md for the states, the lease and standby replicas.
+    docs/operations.md for the states, the lease and standby replicas. The same status is served by
+    GET /v1/sources (gateway.sources.ops).
     """
-    from gateway.events import utcnow
-    from gateway.events.jsonsafe import dumps, jsonable
+    from gateway.events.jsonsafe import dumps
+    from gateway.sources import ops
 
     settings = _settings(config)
     store = _source_store(settings)
     try:
-        cursors = {c.source_name: c for c in store.list_cursors()}
-        statuses = {s.source_name: s for s in store.list_source_status()}
-        runners: dict[str, list[Any]] = {}
-        for r in store.list_runners():
-            runners.setdefault(r.source_name, []).append(r)
+        views = ops.source_views(settings, store)
     finally:
         store.engine.dispose()
-    now = utcnow()
     if as_json:
-        out = []
-        for src in settings.sources:
-            c, st = cursors.get(src.name), statuses.get(src.name)
-            item: dict[str, Any] = {"name": src.name, "adapter": src.adapter, "enabled": src.enabled}
-            item.update(st.to_dict() if st else {"state": None})
-            item.pop("source_name", None)
-            item["drift_detected"] = bool(st and st.drift_detected)
-            item["cursor"] = c.cursor if c else None
-            item["events_total"] = c.events_total if c else 0
-            item["cursor_updated_at"] = c.updated_at if c else None
-            item["cursor_epoch"] = c.epoch if c else None
-            item["lease"] = _lease_word(c, now)
-            item["lease_owner"] = c.lease_owner if c else None
-            item["lease_until"] = c.lease_until if c else None
-            item["runners"] = [
-                {"owner": r.owner, "state": r.state, "epoch": r.epoch, "updated_at": r.updated_at,
-                 "live": _runner_live(r, src, now)}
-                for r in runners.get(src.name, [])
-            ]
-            out.append(jsonable(item))
-        typer.echo(dumps(out).decode())
+        typer.echo(dumps(views).decode())
         return
     typer.echo(
         f"{'NAME':24} {'ADAPTER':10} {'ENABLED':8} {'STATE':18} {'BREAKER':9} {'EVENTS':>8}  "
         f"{'LAST-POLL':20} {'DRIFT':5} {'LEASE':7} {'STANDBY':7} LAST-ERROR"
     )
-    for src in settings.sources:
-        c, st = cursors.get(src.name), statuses.get(src.name)
-        state = st.state if st else "-"
-        if st and st.desired_state == "paused" and st.state != "paused-by-operator":
+    for v in views:
+        reported = v["state"] is not None
+        state = v["state"] if reported else "-"
+        if reported and v["desired_state"] == "paused" and v["state"] != "paused-by-operator":
             state += "*"  # a pause was requested and not yet observed
-        breaker = (st.breaker or {}).get("state", "-") if st else "-"
-        drift = ("yes" if st.drift_detected else "no") if st and st.fingerprint else "-"
-        standby = sum(1 for r in runners.get(src.name, []) if r.state == "standby" and _runner_live(r, src, now))
+        breaker = (v.get("breaker") or {}).get("state", "-") if reported else "-"
+        drift = ("yes" if v["drift_detected"] else "no") if reported and v.get("fingerprint") else "-"
+        standby = sum(1 for r in v["runners"] if r["state"] == "standby" and r["live"])
+        last_poll = v["last_poll_at"][:19] + "Z" if reported and v.get("last_poll_at") else "-"
         typer.echo(
-            f"{src.name:24} {src.adapter:10} {str(src.enabled).lower():8} {state:18} {breaker:9} "
-            f"{(c.events_total if c else 0):>8}  {_stamp(st.last_poll_at if st else None):20} {drift:5} "
-            f"{_lease_word(c, now):7} {standby:<7} {_short(st.last_error if st else None, 60)}"
+            f"{v['name']:24} {v['adapter']:10} {str(v['enabled']).lower():8} {state:18} {breaker:9} "
+            f"{v['events_total']:>8}  {last_poll:20} {drift:5} "
+            f"{v['lease']:7} {standby:<7} {_short(v.get('last_error') if reported else None, 60)}"
         )
 
 
@@ -280,8 +240,10 @@ def sources_pause(
     config: ConfigOpt = None,
 ) -> None:
     """Stop polling a source (its runner observes it within sources[].status_interval) until resumed."""
+    from gateway.sources import ops
+
     with _source_command(config, name) as (settings, store):
-        store.set_source_desired_state(name, "paused")
+        ops.pause(settings, store, name)
     interval = settings.source(name).status_interval
     typer.echo(f"source {name!r}: pause requested; its runner stops polling within {interval:g} s "
                f"(state paused-by-operator). Resume with `gateway sources resume {name}`.")
@@ -293,14 +255,33 @@ def sources_resume(
     config: ConfigOpt = None,
 ) -> None:
     """Let a paused, failed or drift-stopped source poll again (from its committed cursor)."""
-    with _source_command(config, name) as (_, store):
-        row = store.set_source_desired_state(name, "running")
-    note = ""
-    if row.state == "failed":
-        note = " It retries the read that failed; if the error repeats it stops again (no second dead letter)."
-    elif row.state == "drift-stopped":
-        note = " The drift stays reported; `gateway sources accept-drift` makes it the new baseline."
-    typer.echo(f"source {name!r}: resume requested (was {row.state}).{note}")
+    from gateway.sources import ops
+
+    with _source_command(config, name) as (settings, store):
+        _, row = ops.resume(settings, store, name)
+    note = ops.resume_note(row.state)
+    typer.echo(f"source {name!r}: resume requested (was {row.state}).{' ' + note if note else ''}")
+
+
+@sources_app.command("run")
+def sources_run(
+    name: Annotated[str, typer.Argument(help="Source name from the configuration.")],
+    config: ConfigOpt = None,
+) -> None:
+    """Poll a source now instead of waiting for the rest of its interval (POST /v1/sources/NAME/run).
+
+    Its runner sees the request within sources[].status_interval. A paused, failed or
+    drift-stopped source does not poll: resume it instead.
+    """
+    from gateway.sources import ops
+
+    with _source_command(config, name) as (settings, store):
+        try:
+            row = ops.run_now(settings, store, name, f"cli:{_operator()}")
+        except ops.SourceNotRunnableError as exc:
+            _fail(str(exc), 1)
+            raise
+    typer.echo(f"source {name!r}: {ops.run_now_note(row, settings.source(name))}")
 
 
 @sources_app.command("accept-drift")
@@ -352,16 +333,6 @@ def _show_cursor(name: str, state: Any, now: Any) -> None:
         typer.echo(f"  lease:     held by {state.lease_owner} until {_stamp(state.lease_until)} ({how})")
 
 
-def _count(adapter: Any, after: Any, upto: Any) -> int | None:
-    """``adapter.count_between(after, upto)``; ``None`` when it cannot tell or fails."""
-    try:
-        n = adapter.count_between(after, upto)
-    except Exception as exc:  # noqa: BLE001 -- a preview must not fail on the count
-        log.warning("count_between failed: %s: %s", type(exc).__name__, exc)
-        return None
-    return int(n) if n is not None else None
-
-
 @sources_app.command("cursor")
 def sources_cursor(
     name: Annotated[str, typer.Argument(help="Source name from the configuration.")],
@@ -375,12 +346,13 @@ def sources_cursor(
     A move prints a dry-run preview (the cursor now and after, and how many rows would be read
     again or skipped, when the adapter can count them) and changes nothing unless --yes is given.
     Applied, it bumps the source's fencing epoch: a running runner is fenced and continues from
-    the new cursor.
+    the new cursor. The REST twins are GET/PUT/DELETE /v1/sources/NAME/cursor (gateway.sources.ops).
     """
     import json
 
     from gateway.events import utcnow
-    from gateway.sources.runner import build_adapter
+    from gateway.sources import ops
+    from gateway.store import Actor
 
     if set_to is not None and reset:
         _fail("give either --set JSON or --reset, not both")
@@ -393,56 +365,32 @@ def sources_cursor(
         except ValueError as exc:
             _fail(f"--set: not valid JSON ({exc}): {set_to!r}")
     with _source_command(config, name) as (settings, store):
-        state = store.get_cursor(name)
         if set_to is None and not reset:
-            _show_cursor(name, state, utcnow())
+            _show_cursor(name, store.get_cursor(name), utcnow())
             return
         src = settings.source(name)
         try:
-            adapter = build_adapter(src)
-        except (ConfigurationError, ValidationError) as exc:
-            _fail(f"source {name!r}: {exc}")
+            preview = ops.preview_cursor_move(settings, store, name, target, reset=reset)
+        except ConfigurationError as exc:
+            _fail(str(exc))
             raise
-        opened, why = False, ""
-        try:
-            adapter.open()
-            opened = True
-        except Exception as exc:  # noqa: BLE001 -- the preview says so; the move itself needs no source
-            why = f"{type(adapter.classify_error(exc)).__name__}: {exc}"
-        try:
-            if reset:
-                target = adapter.initial_cursor()
-            now_cursor = state.cursor if state is not None and state.cursor is not None else adapter.initial_cursor()
-            reread: int | None = 0
-            skipped: int | None = 0
-            if opened:
-                # A cursor of None is the beginning: nothing before it to skip, nothing read yet after it.
-                if now_cursor is not None:
-                    reread = _count(adapter, target, now_cursor)
-                if target is not None:
-                    skipped = _count(adapter, now_cursor, target)
-            else:
-                reread = skipped = None
-        finally:
-            adapter.close()
-        unknown = f"unknown ({why})" if why else "unknown (the adapter cannot count)"
-        epoch = state.epoch if state is not None else 0
+        unknown = f"unknown ({preview.unknown_reason})"
         typer.echo(f"source {name!r}: move the cursor{'' if yes else ' -- dry run, nothing changed'}")
-        typer.echo(f"  now:    {_json_text(now_cursor)}  (epoch {epoch})")
+        typer.echo(f"  now:    {_json_text(preview.before)}  (epoch {preview.epoch})")
         note = "  (the adapter's initial cursor)" if reset else ""
-        typer.echo(f"  after:  {_json_text(target)}{note}")
+        typer.echo(f"  after:  {_json_text(preview.after)}{note}")
+        reread, skipped = preview.rows_read_again, preview.rows_skipped
         typer.echo(f"  rows read again: {unknown if reread is None else reread}")
         typer.echo(f"  rows skipped:    {unknown if skipped is None else skipped}")
         if not yes:
             typer.echo("Run again with --yes to apply.")
             return
-        new_epoch = store.set_cursor(name, target)
-        _audit(store, "source.cursor.reset" if reset else "source.cursor.set", name,
-               {"before": now_cursor, "after": target, "epoch": new_epoch})
+        new_epoch = ops.apply_cursor_move(store, preview, Actor(None, f"cli:{_operator()}"))
     _setup_logging("info")
     log.warning(
         "source %r: cursor moved by an operator (%s@%s): %s -> %s; epoch %d -> %d",
-        name, _operator(), socket.gethostname(), _json_text(now_cursor), _json_text(target), epoch, new_epoch,
+        name, _operator(), socket.gethostname(), _json_text(preview.before), _json_text(preview.after),
+        preview.epoch, new_epoch,
     )
     third = src.lease_ttl / 3
     typer.echo(

@@ -295,6 +295,9 @@ class Gateway:
             self.api_server.run()
 
         def close() -> None:
+            from gateway.api.routers.stream import close_stream_hub
+
+            close_stream_hub(app)  # uvicorn runs lifespan="off" here: end the open SSE streams ourselves
             self.api_server.should_exit = True
 
         self._spawn("api", serve, close)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
@@ -13,7 +14,7 @@ from gateway.api.auth import Authenticator
 from gateway.api.deps import ApiMetrics
 from gateway.api.limits import BacklogGuard, BodySizeLimitMiddleware
 from gateway.api.problems import install_problem_handlers
-from gateway.api.routers import audit, dead_letters, events, health, keys, scoring
+from gateway.api.routers import audit, dead_letters, events, health, keys, scoring, sources, stream
 from gateway.bus.protocols import Bus
 from gateway.config import Settings
 from gateway.store import EventStore
@@ -24,7 +25,8 @@ API_TITLE = "legacy-gateway API"
 
 _DESCRIPTION = """\
 Accept CloudEvents 1.0 (structured JSON mode) into the gateway's outbox and read stored events with
-their lineage, delivery state and scores; inspect, replay and delete dead letters. Errors are RFC 9457 problem details
+their lineage, delivery state and scores; stream new scored events (Server-Sent Events); manage
+sources (status, pause, resume, run now, cursor with a preview); inspect, replay and delete dead letters. Errors are RFC 9457 problem details
 (`application/problem+json`). Operational endpoints (`/healthz`, `/readyz`, `/metrics`) live
 outside `/v1` and need no key.
 
@@ -65,7 +67,13 @@ def create_app(
     Raises:
         ConfigurationError: ``api.auth`` is on, the profile is prod and ``api.key_secret`` is unset.
     """
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        stream.close_stream_hub(app)  # ends open /v1/events/stream responses
+
     app = FastAPI(
+        lifespan=lifespan,
         title=API_TITLE,
         version=__version__,
         description=_DESCRIPTION,
@@ -93,7 +101,9 @@ def create_app(
     app.add_middleware(
         RequestContextMiddleware, tracing=tracing if tracing is not None else process_tracing(settings.observability)
     )
+    app.include_router(stream.router, prefix="/v1")  # before events: /events/stream is not an /{event_id}
     app.include_router(events.router, prefix="/v1")
+    app.include_router(sources.router, prefix="/v1")
     app.include_router(dead_letters.router, prefix="/v1")
     app.include_router(scoring.router, prefix="/v1")
     app.include_router(keys.router, prefix="/v1")

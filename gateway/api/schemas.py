@@ -53,6 +53,13 @@ __all__ = [
     "ApiKeyCreateRequest",
     "AuditEntryOut",
     "AuditPage",
+    "SourceRunnerOut",
+    "SourceOut",
+    "SourceList",
+    "SourceActionResponse",
+    "SourceCursorOut",
+    "SourceCursorSetRequest",
+    "SourceCursorMove",
 ]
 
 #: An aware UTC datetime rendered as RFC 3339 with microseconds and ``Z``.
@@ -458,3 +465,107 @@ class AuditPage(_Out):
 
     items: list[AuditEntryOut]
     next_cursor: str | None = Field(description="Pass as ``cursor`` for the next page; null on the last page.")
+
+
+# ---------------------------------------------------------------------------- sources
+class SourceRunnerOut(_Out):
+    """One runner of a source (the lease holder or a standby replica), from its heartbeat."""
+
+    owner: str = Field(description="hostname:pid:runner-id")
+    state: str = Field(description="The runner's state (standby while another holds the lease).")
+    epoch: int | None = Field(description="The fencing epoch it holds; null while standby.")
+    updated_at: UtcTime = Field(description="Its last heartbeat.")
+    live: bool = Field(description="Whether the heartbeat is recent (within max(3 status_interval, lease_ttl)).")
+
+
+class SourceOut(_Out):
+    """A configured source with its status (``GET /v1/sources``; the same as `gateway sources list --json`)."""
+
+    name: str
+    adapter: str = Field(description="Adapter kind: sql, soap, amqp, ...")
+    enabled: bool
+    state: str | None = Field(
+        default=None,
+        description="What the source's lease holder last reported (idle, polling, backoff, paused, backpressure, "
+        "paused-by-operator, failed, drift-stopped, standby, stopped); null before any runner reported.",
+    )
+    desired_state: Literal["running", "paused"] = Field(default="running", description="The operators' wish.")
+    desired_generation: int = Field(default=0, description="Bumped by every pause/resume.")
+    desired_at: UtcTime | None = Field(default=None, description="Time of the last pause/resume.")
+    owner: str | None = Field(default=None, description="The runner that reported the state.")
+    epoch: int | None = Field(default=None, description="Its fencing epoch.")
+    last_poll_at: UtcTime | None = Field(default=None, description="End of the last successful poll.")
+    last_error: str | None = Field(default=None, description="The last error; null once polling succeeds again.")
+    polls: int = Field(default=0, description="Successful polls since the reporting runner started.")
+    events_accepted: int = Field(default=0, description="Events newly stored since the reporting runner started.")
+    duplicates: int = Field(default=0, description="Events that were stored already (re-reads).")
+    rejected: int = Field(default=0, description="Records dead-lettered by the mapping.")
+    breaker: dict[str, Any] | None = Field(default=None, description="Circuit breaker: name, state, failure_rate, retry_after.")
+    fingerprint: str | None = Field(default=None, description="Drift baseline digest.")
+    fingerprint_parts: dict[str, str] | None = None
+    fingerprint_at: UtcTime | None = None
+    drift: dict[str, Any] | None = Field(default=None, description="Current schema drift against the baseline.")
+    drift_detected: bool = False
+    updated_at: UtcTime | None = Field(default=None, description="The runner's last status write.")
+    cursor: Any = Field(default=None, description="The committed cursor (adapter-specific JSON); null: never committed.")
+    cursor_time: UtcTime | None = Field(default=None, description="The time the cursor stands at, when it has one (SQL: ts).")
+    lag_seconds: float | None = Field(default=None, description="Now minus cursor_time; null when the cursor has no time.")
+    events_total: int = Field(default=0, description="Events committed with the cursor, in total.")
+    cursor_updated_at: UtcTime | None = Field(default=None, description="The last cursor commit.")
+    cursor_epoch: int | None = Field(default=None, description="The cursor's fencing epoch.")
+    lease: Literal["live", "expired", "free", "-"] = Field(description="The source's lease; '-': the source never ran.")
+    lease_owner: str | None = Field(default=None, description="The lease holder (hostname:pid:runner-id).")
+    lease_until: UtcTime | None = None
+    run_requested_at: UtcTime | None = Field(default=None, description="The last run-now request.")
+    runners: list[SourceRunnerOut] = Field(default_factory=list)
+
+
+class SourceList(_Out):
+    """``GET /v1/sources``: the configured sources the key may see, in configuration order."""
+
+    items: list[SourceOut]
+
+
+class SourceActionResponse(_Out):
+    """Answer of pause, resume and run (202: the runner acts on it within its status_interval)."""
+
+    source: str
+    action: Literal["pause", "resume", "run"]
+    detail: str = Field(description="What happens next, in one sentence.")
+    status: SourceOut
+
+
+class SourceCursorOut(_Out):
+    """``GET /v1/sources/{name}/cursor``: the committed cursor, epoch and lease."""
+
+    source: str
+    cursor: Any = Field(description="The committed cursor; null when none is committed (the adapter's initial cursor is used).")
+    committed: bool = Field(description="Whether a cursor was ever committed.")
+    committed_at: UtcTime | None = None
+    events_total: int = 0
+    epoch: int | None = Field(default=None, description="Fencing epoch; null when the source never ran.")
+    lease: Literal["live", "expired", "free", "-"]
+    lease_owner: str | None = None
+    lease_until: UtcTime | None = None
+
+
+class SourceCursorSetRequest(_In):
+    """``PUT /v1/sources/{name}/cursor``: where to move the cursor; a preview unless ``dry_run`` is false."""
+
+    cursor: Any = Field(description="The new cursor, in the adapter's format (SQL: {\"ts\": ..., \"key\": ...}).")
+    dry_run: bool = Field(default=True, description="Only preview the move (default); false applies it.")
+
+
+class SourceCursorMove(_Out):
+    """A cursor move's preview (``dry_run``), or the applied move."""
+
+    source: str
+    dry_run: bool
+    reset: bool = Field(description="The move goes back to the adapter's initial cursor.")
+    before: Any = Field(description="The committed cursor (the adapter's initial one when none is committed).")
+    after: Any = Field(description="The cursor after the move.")
+    epoch: int = Field(description="The committed fencing epoch before the move (0: the source never ran).")
+    new_epoch: int | None = Field(default=None, description="The epoch after an applied move; null for a preview.")
+    rows_read_again: int | None = Field(description="Rows the source would read again; null when unknown.")
+    rows_skipped: int | None = Field(description="Rows the source would never read; null when unknown.")
+    unknown_reason: str | None = Field(default=None, description="Why a count is unknown.")

@@ -26,8 +26,9 @@ the ``store`` budget (:class:`~gateway.resilience.RetryBudget`, policies from
   refuses or is down), so the source's records stay where they are and its cursor does not move;
 * stops polling after a **permanent** fetch error (``PermanentError``, ``ConfigurationError``):
   one dead letter, state ``failed``, until an operator resumes the source;
-* honours **operator commands** from the store (``gateway sources pause|resume|accept-drift``),
-  checked every ``status_interval`` seconds;
+* honours **operator commands** from the store (``gateway sources pause|resume|accept-drift|run``),
+  checked every ``status_interval`` seconds; a "run now" (``source_run_requests``) it has not seen
+  before ends the wait between polls (or a transient-error backoff) at once;
 * watches **schema drift** through the adapter's :meth:`~adapters.base.PollingSource.fingerprint`;
 * **persists its status** (``source_status``) on every state change and breaker transition, and
   otherwise at most every ``status_interval`` seconds, for other processes to read. A store failure
@@ -267,6 +268,7 @@ class SourceRunner:
         # Operator wishes as last read from the store.
         self._desired = DESIRED_RUNNING
         self._generation = 0
+        self._run_requested: datetime | None = None  # the last "run now" wish read (source_run_requests)
         self._drift = DriftTracker()
         # Periodic work: last time (clock) of each; -inf makes the first one due at once.
         self._saved_at = self._controlled_at = self._drift_checked_at = float("-inf")
@@ -795,8 +797,9 @@ class SourceRunner:
 
     def _pace(self, stop: threading.Event, seconds: float) -> None:
         """Wait ``seconds`` in ``status_interval`` slices (cut where a lease renewal is due),
-        renewing the lease and ending early on a pause command."""
+        renewing the lease and ending early on a pause command or a new "run now" request."""
         remaining = seconds
+        asked = self._run_requested
         while remaining > 0 and not stop.is_set():
             step = min(remaining, self._status_interval, self._renewal_in())
             self._wait(stop, step)
@@ -806,6 +809,9 @@ class SourceRunner:
                 self._save_status()  # heartbeat during long intervals
                 self._refresh_control()
                 if self._desired == DESIRED_PAUSED:
+                    return
+                if self._run_requested != asked:
+                    log.info("source %r: run now requested by an operator: polling at once", self.settings.name)
                     return
 
     def _hold(self, stop: threading.Event, state: str, *, needs_command: bool) -> bool:
@@ -967,10 +973,12 @@ class SourceRunner:
         self._controlled_at = now
         try:
             row = self.store.get_source_status(self.settings.name)
+            run_requested = self.store.get_run_request(self.settings.name)
         except Exception as exc:  # noqa: BLE001 -- keep the last known wishes
             log.warning("source %r: could not read operator commands (%s: %s)", self.settings.name, type(exc).__name__, exc)
             return
         self._apply_control(row)
+        self._run_requested = run_requested
         self._sync_drift()
 
     def _apply_control(self, row: StoredSourceStatus | None) -> None:

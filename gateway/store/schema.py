@@ -35,6 +35,7 @@ __all__ = [
     "scores",
     "scoring_attempts",
     "source_cursors",
+    "source_run_requests",
     "source_runners",
     "source_status",
 ]
@@ -123,6 +124,18 @@ source_status = Table(
            comment="Bumped by every operator command; a failed source resumes on a newer one"),
     Column("desired_at", UTCDateTime(), nullable=True, comment="Time of the last operator command"),
     Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+#: The operators' "run now" wishes (``gateway sources run``, ``POST /v1/sources/{name}/run``): one
+#: row per source, rewritten by every request. A runner that reads a ``requested_at`` it has not
+#: seen before ends its wait between polls and polls at once. A table of its own (not a
+#: ``source_status`` column), so the status reads of every earlier revision stay as they were.
+source_run_requests = Table(
+    "source_run_requests",
+    metadata,
+    Column("source_name", String(128), primary_key=True),
+    Column("requested_at", UTCDateTime(), nullable=False, comment="Time of the last run-now request"),
+    Column("requested_by", String(255), nullable=True, comment="Who asked: API key name or cli:<os user>"),
 )
 
 #: One row per live source runner (holder or standby): its heartbeat, for `gateway sources list`.

@@ -10,6 +10,10 @@ One ``source_status`` row per source, written by three parties that never overwr
   from the default ``running``;
 * the drift baseline (:meth:`~SourceStatusRepository.set_fingerprint_baseline`).
 
+Operators' "run now" wishes live in ``source_run_requests``
+(:meth:`~SourceStatusRepository.request_source_run`, :meth:`~SourceStatusRepository.get_run_request`):
+the runner polls at once when it reads a ``requested_at`` it has not seen before.
+
 Besides, every runner of a source -- the lease holder and the standby replicas -- keeps a
 heartbeat row in ``source_runners`` (:meth:`~SourceStatusRepository.save_runner`), so operators
 see the standbys too.
@@ -31,6 +35,7 @@ from gateway.store._sql import guard, insert_ignore
 from gateway.store.schema import (
     DESIRED_PAUSED,
     DESIRED_RUNNING,
+    source_run_requests,
     source_runners,
     source_status,
 )
@@ -240,6 +245,45 @@ class SourceStatusRepository:
             self._upsert_control(conn, source_name, values, {**values, "desired_generation": 1})
             row = conn.execute(select(source_status).where(source_status.c.source_name == source_name)).one()
         return self._status(row)
+
+    # ------------------------------------------------------------------ run now
+    def request_source_run(self, source_name: str, requested_by: str | None = None) -> datetime:
+        """Record an operator's "run now" wish for ``source_name`` (replacing an earlier one).
+
+        The source's runner reads it with the other operator wishes (within its
+        ``status_interval``) and, when the time is new to it, polls at once.
+
+        Args:
+            source_name: the source.
+            requested_by: who asked (API key name, ``cli:<os user>``).
+
+        Returns:
+            The request's time (the store's clock).
+
+        Raises:
+            StoreUnavailableError: the transaction did not commit.
+        """
+        now = self._clock()
+        c = source_run_requests.c
+        values = {"requested_at": now, "requested_by": requested_by}
+        with guard("request_source_run"), self.engine.begin() as conn:
+            if not conn.execute(update(source_run_requests).where(c.source_name == source_name).values(**values)).rowcount:
+                ins = conn.execute(insert_ignore(conn, source_run_requests, ["source_name"]), {"source_name": source_name, **values})
+                if not ins.rowcount:  # a concurrent request inserted first
+                    conn.execute(update(source_run_requests).where(c.source_name == source_name).values(**values))
+        return now
+
+    def get_run_request(self, source_name: str) -> datetime | None:
+        """Time of the last "run now" wish for ``source_name``, or ``None`` when none was made."""
+        c = source_run_requests.c
+        with guard("get_run_request"), self.engine.connect() as conn:
+            return conn.execute(select(c.requested_at).where(c.source_name == source_name)).scalar()  # type: ignore[no-any-return]
+
+    def list_run_requests(self) -> dict[str, datetime]:
+        """Source name -> time of its last "run now" wish."""
+        c = source_run_requests.c
+        with guard("list_run_requests"), self.engine.connect() as conn:
+            return {r.source_name: r.requested_at for r in conn.execute(select(c.source_name, c.requested_at))}
 
     def set_fingerprint_baseline(self, source_name: str, digest: str, parts: Mapping[str, str]) -> None:
         """Make ``digest``/``parts`` the source's drift baseline and clear any recorded drift.

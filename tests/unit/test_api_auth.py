@@ -121,6 +121,15 @@ ROUTES: list[tuple[str, str, str, dict[str, Any]]] = [
     ("get", "/v1/events", "events:read", {}),
     ("get", "/v1/events/{event_id}", "events:read", {}),
     ("get", "/v1/scoring/models", "events:read", {}),
+    ("get", "/v1/events/stream", "events:read", {}),
+    ("get", "/v1/sources", "sources:admin", {}),
+    ("get", "/v1/sources/{name}", "sources:admin", {}),
+    ("post", "/v1/sources/{name}/pause", "sources:admin", {}),
+    ("post", "/v1/sources/{name}/resume", "sources:admin", {}),
+    ("post", "/v1/sources/{name}/run", "sources:admin", {}),
+    ("get", "/v1/sources/{name}/cursor", "sources:admin", {}),
+    ("put", "/v1/sources/{name}/cursor", "sources:admin", {"json": {"cursor": None}}),
+    ("delete", "/v1/sources/{name}/cursor", "sources:admin", {}),
     ("get", "/v1/scoring/compare", "events:read", {"params": {"shadow": "s"}}),
     ("get", "/v1/dead-letters", "admin", {}),
     ("get", "/v1/dead-letters/{dead_letter_id}", "admin", {}),
@@ -135,7 +144,7 @@ ROUTES: list[tuple[str, str, str, dict[str, Any]]] = [
 
 
 def _url(path: str, event_id: str) -> str:
-    return path.format(event_id=event_id, dead_letter_id=999, key_id="0000000000000000")
+    return path.format(event_id=event_id, dead_letter_id=999, key_id="0000000000000000", name="orders")
 
 
 def test_route_matrix_covers_every_v1_route(store: EventStore) -> None:
