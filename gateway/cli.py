@@ -706,7 +706,11 @@ def _run_roles(
         gw.stop()
         _fail(str(exc), 2 if isinstance(exc, ConfigurationError) else 1)
     if metrics_port:
-        gw.serve_metrics(metrics_port)
+        try:
+            gw.serve_metrics(metrics_port)
+        except OSError as exc:  # e.g. the port is taken: do not run half-started without metrics
+            gw.stop()
+            _fail(f"resilience.metrics_port {metrics_port}: cannot serve /metrics ({exc})", 1)
     log.info("gateway running roles: %s", ", ".join(roles))
     stop.wait()
     log.info("stopping: finishing in-flight work")
