@@ -1048,6 +1048,46 @@ def adapter_new(
     typer.echo(f"next: pip install -e '{target}[test]' && pytest {target}  (adapter {names.adapter!r}, package {names.package})")
 
 
+plugins_app = typer.Typer(help="Installed plugins: adapters, codecs, scorers.", no_args_is_help=True)
+app.add_typer(plugins_app, name="plugins")
+
+
+@plugins_app.command("list")
+def plugins_list(
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object instead of a table.")] = False,
+) -> None:
+    """List every installed plugin (entry points gateway.adapters, gateway.codecs, gateway.scorers), loading each:
+    a plugin that fails to import is shown as broken with the reason (the gateway skips it)."""
+    import json as _json
+    from importlib.metadata import EntryPoint
+
+    from gateway import plugins
+    from gateway.codecs import registry as codecs
+    from gateway.scoring import registry as scorers
+
+    # The same discovery the gateway uses (a plugin may not take a built-in's name).
+    groups = {"adapter": plugins._entry_points(), "codec": codecs._entry_points(), "scorer": scorers._entry_points()}
+    rows: list[dict[str, Any]] = []
+    for kind, eps in groups.items():
+        for name, ep in sorted(eps.items()):
+            assert isinstance(ep, EntryPoint)
+            dist = ep.dist.name if ep.dist is not None else "?"
+            try:
+                ep.load()
+                status, detail = "ok", ""
+            except Exception as exc:  # noqa: BLE001 -- report, never crash the listing
+                status, detail = "broken", f"{type(exc).__name__}: {exc}"
+            rows.append({"kind": kind, "name": name, "target": ep.value, "package": dist, "status": status,
+                         "error": detail or None})
+    if as_json:
+        typer.echo(_json.dumps(rows, indent=2))
+        return
+    typer.echo(f"{'KIND':8} {'NAME':18} {'PACKAGE':22} {'STATUS':7} TARGET")
+    for r in rows:
+        typer.echo(f"{r['kind']:8} {r['name']:18} {r['package']:22} {r['status']:7} {r['target']}"
+                   + (f"  ({r['error']})" if r["error"] else ""))
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

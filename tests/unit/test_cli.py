@@ -134,3 +134,30 @@ def test_demo_host_formatting_survives_an_invalid_port() -> None:
     assert _host_of("amqp://guest:secret@mq.example:5673/%2F") == "mq.example:5673"
     assert _host_of("amqp://guest:secret@mq.example/%2F") == "mq.example:5672"
     assert _host_of("amqp://guest:secret@mq.example:notaport/") == "mq.example (invalid port)"
+
+
+def test_plugins_list_shows_every_kind_and_a_broken_plugin(monkeypatch: pytest.MonkeyPatch) -> None:
+    import json as _json
+    from importlib.metadata import EntryPoint
+
+    from gateway import plugins
+    from gateway.cli import app
+    from tests.plugins import install_fake_plugins
+
+    from gateway.codecs import registry as codecs
+    from gateway.scoring import registry as scorers
+
+    codecs._entry_points(), scorers._entry_points()  # cached before the fake (it patches only the adapters' group)
+    broken = EntryPoint("broken-src", "no_such_module_xyz:Source", "gateway.adapters")
+    gen = install_fake_plugins(monkeypatch, "gateway.adapters", [broken], [], plugins._entry_points.cache_clear)
+    next(gen)
+    try:
+        result = runner.invoke(app, ["plugins", "list", "--json"])
+    finally:
+        next(gen, None)
+    assert result.exit_code == 0, result.output
+    rows = {(r["kind"], r["name"]): r for r in _json.loads(result.stdout)}
+    assert {("adapter", "sql"), ("codec", "fixed"), ("scorer", "online-anomaly")} <= set(rows)
+    assert rows[("adapter", "sql")]["status"] == "ok"
+    assert rows[("adapter", "broken-src")]["status"] == "broken"
+    assert "ModuleNotFoundError" in rows[("adapter", "broken-src")]["error"]
