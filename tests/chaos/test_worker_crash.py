@@ -96,9 +96,11 @@ def test_kill_9_of_another_role_and_restart_loses_and_duplicates_nothing(
     role: str, tmp_path: Path, pg_db_url: str, amqp_url: str, chaos_bus: str, procs: Processes, ledger: Ledger
 ) -> None:
     """kill -9 of the sources or relay role mid-stream, then a restart: the ledger holds."""
-    n = 4000
+    # Enough rows, in small batches, that the kill lands mid-stream: the extract path reads a
+    # few thousand rows in a fraction of a second.
+    n = 20_000
     r = rng()
-    pipe = Pipeline(tmp_path, pg_db_url, amqp_url, chaos_bus, procs, legacy_rows=n, source_batch=200,
+    pipe = Pipeline(tmp_path, pg_db_url, amqp_url, chaos_bus, procs, legacy_rows=n, source_batch=100,
                     relay={"batch_size": 200})
     sink = ScoredSink(amqp_url, chaos_bus)
     running = pipe.start_roles("scorer", "relay", "sources")
