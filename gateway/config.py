@@ -51,7 +51,7 @@ _NAME = r"^[a-z][a-z0-9_-]{0,62}$"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)  # inputs may hold secrets
 
 
 class StoreSettings(_Section):
@@ -756,7 +756,7 @@ class ObservabilitySettings(_Section):
 class ContractSettings(_Section):
     """A JSON-Schema contract for the event types matching ``types`` (docs/governance.md)."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, hide_input_in_errors=True)
 
     types: list[str] = Field(
         ..., min_length=1,
@@ -872,13 +872,15 @@ class Settings(BaseSettings):
     """All gateway settings."""
 
     model_config = SettingsConfigDict(
-        env_prefix="GATEWAY_", env_nested_delimiter="__", extra="forbid", nested_model_default_partial_update=True
+        env_prefix="GATEWAY_", env_nested_delimiter="__", extra="forbid", nested_model_default_partial_update=True,
+        hide_input_in_errors=True,  # a URL or password in the input must not reach an error message
     )
 
     profile: Literal["dev", "test", "prod"] = Field(
         "dev",
-        description="prod refuses the 'guest' broker user and plaintext amqp:// to non-loopback hosts; "
-        "dev and test allow both.",
+        description="test and prod refuse the 'guest' broker user and plaintext amqp:// to non-loopback hosts, "
+        "and amqps:// ssl_options that turn off certificate or hostname verification; prod refuses 'guest' on "
+        "loopback too and requires API keys; dev allows all of these.",
     )
     governance: GovernanceSettings = Field(
         default_factory=GovernanceSettings,
@@ -920,19 +922,53 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _prod_transport_security(self) -> Settings:
-        """Outside dev/test: no ``guest`` broker user, no plaintext AMQP to another host (SEC-05)."""
-        if self.profile != "prod" or self.bus.url is None:
-            return self
-        from urllib.parse import urlsplit
+        """SEC-05 outside dev: no ``guest`` user or plaintext amqp:// to another host, TLS that verifies.
 
+        test and prod: ``guest`` and plaintext ``amqp://`` only on loopback, and an ``amqps://`` URL's
+        ``ssl_options`` (parsed as pika's URLParameters does) must keep CERT_REQUIRED and
+        check_hostname. prod also refuses ``guest`` on loopback.
+        """
+        if self.profile == "dev" or self.bus.url is None:
+            return self
+        import ast
+        import ssl
+        from urllib.parse import parse_qs, urlsplit
+
+        where = f"bus.url: profile {self.profile}"
         url = urlsplit(self.bus.url.get_secret_value())
-        if (url.username or "guest") == "guest":
-            raise ValueError("bus.url: profile prod refuses the 'guest' broker user; create a user for the gateway")
-        loopback = (url.hostname or "localhost") in ("localhost", "::1") or (url.hostname or "").startswith("127.")
+        host = url.hostname or "localhost"  # pika's default host
+        loopback = host in ("localhost", "::1") or host.startswith("127.")
+        if (url.username or "guest") == "guest" and (self.profile == "prod" or not loopback):
+            raise ValueError(f"{where} refuses the 'guest' broker user; create a user for the gateway")
         if url.scheme == "amqp" and not loopback:
-            raise ValueError(
-                f"bus.url: profile prod refuses plaintext amqp:// to {url.hostname}; use amqps:// (TLS)"
-            )
+            raise ValueError(f"{where} refuses plaintext amqp:// to {url.hostname}; use amqps:// (TLS)")
+        if url.scheme != "amqps":
+            return self
+        for raw in parse_qs(url.query).get("ssl_options", []):  # pika: ast.literal_eval of the value
+            try:
+                opts = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                raise ValueError(f"{where}: ssl_options is not a Python literal dict") from None
+            if not isinstance(opts, dict):
+                raise ValueError(f"{where}: amqps:// needs ssl_options to be a dict (None disables TLS)")  # noqa: TRY004
+            # pika builds ssl.SSLContext(opts['protocol']); only PROTOCOL_TLS_CLIENT verifies by default
+            try:
+                context = ssl.SSLContext(opts.get("protocol", ssl.PROTOCOL_TLS_CLIENT))
+            except (ValueError, TypeError, OSError):
+                raise ValueError(f"{where}: ssl_options protocol is not an ssl.PROTOCOL_* value") from None
+            off = [
+                k for k, ok in (
+                    ("protocol", context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname),
+                    ("cert_reqs", opts.get("cert_reqs", ssl.CERT_REQUIRED) == ssl.CERT_REQUIRED),
+                    ("verify_mode", opts.get("verify_mode", ssl.CERT_REQUIRED) == ssl.CERT_REQUIRED),
+                    ("check_hostname", opts.get("check_hostname", True) is True),
+                ) if k in opts and not ok
+            ]
+            if off:
+                raise ValueError(
+                    f"{where} requires TLS certificate and hostname verification (CERT_REQUIRED, "
+                    f"check_hostname); ssl_options {', '.join(off)} would turn it off"
+                )
         return self
 
     @classmethod

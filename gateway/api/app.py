@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from gateway import __version__
-from gateway.api.auth import Authenticator
+from gateway.api.auth import AuthGateMiddleware, Authenticator
 from gateway.api.deps import ApiMetrics
 from gateway.api.limits import BacklogGuard, BodySizeLimitMiddleware
 from gateway.api.problems import install_problem_handlers
@@ -93,6 +93,8 @@ def create_app(
     app.state.governance = Governance.from_settings(settings, store)  # PII and contracts on REST ingest
 
     install_problem_handlers(app)
+    # Inner to the body limit: 401 before any route reads (and validates) its body.
+    app.add_middleware(AuthGateMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.api.max_body_bytes)
     # Outermost: every answer (a 413 too) gets the request's correlation id (and a span with the otel extra).
     from gateway.observability.http import RequestContextMiddleware

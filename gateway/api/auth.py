@@ -23,9 +23,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from gateway.api.limits import KeyRateLimiter
@@ -39,6 +40,7 @@ __all__ = [
     "ANONYMOUS",
     "SCOPES",
     "AdminDep",
+    "AuthGateMiddleware",
     "Authenticator",
     "EventsReadDep",
     "EventsWriteDep",
@@ -229,6 +231,45 @@ class Authenticator:
             )
 
 
+class AuthGateMiddleware:
+    """Authenticates ``/v1`` requests **before** the route reads its body (pure ASGI).
+
+    FastAPI parses and validates a route's body before it resolves the route's dependencies, so
+    a request without a key and with a malformed body would get 400/422 from the body instead of
+    401. This gate answers 401 (problem JSON, ``WWW-Authenticate``) first; a principal it
+    authenticated is kept in ``request.state.principal`` for :func:`require_scope`, which still
+    checks the scope (403) and the rate limit (429). Anything else -- e.g. the store being down --
+    is left to the route and its error handlers.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        path = scope.get("path", "") if scope.get("type") == "http" else ""
+        auth = getattr(getattr(scope.get("app"), "state", None), "authenticator", None)
+        if not (path == "/v1" or path.startswith("/v1/")) or auth is None or not auth.enabled:
+            await self.app(scope, receive, send)
+            return
+        header = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"authorization"), None)
+        try:
+            principal = await run_in_threadpool(auth.authenticate, header)
+        except ApiProblem as problem:
+            from gateway.api.problems import problem_response
+
+            response = problem_response(
+                Request(scope), problem.status, type_=problem.type, title=problem.title, detail=problem.detail,
+                headers=problem.headers,
+            )
+            await response(scope, receive, send)
+            return
+        except Exception:  # noqa: BLE001 -- not a 401: the route's dependency runs again and reports it
+            principal = None
+        if principal is not None:
+            scope.setdefault("state", {})["principal"] = principal
+        await self.app(scope, receive, send)
+
+
 def get_authenticator(request: Request) -> Authenticator:
     """The app's :class:`Authenticator`."""
     return request.app.state.authenticator  # type: ignore[no-any-return]
@@ -258,7 +299,8 @@ def require_scope(scope: str) -> Callable[..., Principal]:
         auth: Annotated[Authenticator, Depends(get_authenticator)],
         _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> Principal:
-        principal = auth.authenticate(request.headers.get("authorization"))
+        # Authenticated by AuthGateMiddleware already (before any body was read), else here.
+        principal = getattr(request.state, "principal", None) or auth.authenticate(request.headers.get("authorization"))
         auth.rate_limit(principal)
         if not principal.has_scope(scope):
             raise ApiProblem(

@@ -439,3 +439,17 @@ def test_audit_actor_with_auth_off_is_anonymous(store: EventStore) -> None:
     store.record_audit(Actor("k", "x"), "source.cursor.set", "orders", {"after": 1})
     with pytest.raises(ValueError, match="unknown audit action"):
         store.record_audit(Actor("k", "x"), "rm -rf", None, None)
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("post", "/v1/keys"), ("post", "/v1/dead-letters/replay"), ("post", "/v1/dead-letters/delete"),
+    ("put", "/v1/sources/orders/cursor"),
+])
+def test_no_key_is_401_even_with_a_body_that_is_not_json(method: str, path: str, sqlite_store: EventStore) -> None:
+    """FastAPI validates a route's body before its dependencies: the auth gate answers first."""
+    from gateway.api import create_app
+
+    client = TestClient(create_app(Settings(profile="test"), sqlite_store), raise_server_exceptions=False)
+    resp = client.request(method, path, content=b"{not json", headers={"content-type": "application/json"})
+    assert resp.status_code == 401 and resp.headers["www-authenticate"].startswith("Bearer")
+    assert resp.headers["content-type"].startswith("application/problem+json")

@@ -161,8 +161,8 @@ def test_openapi_documents_the_dead_letter_endpoints(sqlite_store: EventStore) -
         ("/v1/dead-letters", "get"): {"200", "422", "503"},
         ("/v1/dead-letters/{dead_letter_id}", "get"): {"200", "404", "422", "503"},
         ("/v1/dead-letters/{dead_letter_id}", "delete"): {"204", "404", "422", "503"},
-        ("/v1/dead-letters/replay", "post"): {"200", "422", "503"},
-        ("/v1/dead-letters/delete", "post"): {"200", "409", "422", "503"},
+        ("/v1/dead-letters/replay", "post"): {"200", "400", "422", "503"},
+        ("/v1/dead-letters/delete", "post"): {"200", "400", "409", "422", "503"},
     }
     for (path, method), codes in expected.items():
         op = paths[path][method]

@@ -55,7 +55,7 @@ def test_json_lines_carry_time_level_logger_message_correlation_id_and_extra_fie
 
 
 def test_secrets_from_settings_and_secret_patterns_never_reach_a_log_line() -> None:
-    settings = Settings(profile="test", bus={"url": f"amqp://gw:{PASSWORD}@broker.example:5672/%2F"},
+    settings = Settings(profile="test", bus={"url": f"amqps://gw:{PASSWORD}@broker.example:5671/%2F"},
                         api={"key_secret": KEY_SECRET})
     found = secrets_of(settings)
     assert PASSWORD in found and KEY_SECRET in found

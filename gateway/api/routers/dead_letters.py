@@ -134,7 +134,7 @@ def get_dead_letter(dead_letter_id: DeadLetterId, store: StoreDep) -> DeadLetter
 @router.post(
     "/replay",
     response_model=DeadLetterReplayResponse,
-    responses=problem_responses(422, 503),
+    responses=problem_responses(400, 422, 503),
     summary="Replay dead letters through the outbox (idempotent, rate-limited)",
 )
 def replay_dead_letters(
@@ -196,7 +196,7 @@ def delete_dead_letter(dead_letter_id: DeadLetterId, store: StoreDep, principal:
 @router.post(
     "/delete",
     response_model=DeadLetterDeleteResponse,
-    responses=problem_responses(409, 422, 503),
+    responses=problem_responses(400, 409, 422, 503),
     summary="Delete dead letters by ids or filter, confirming the expected count",
 )
 def delete_dead_letters(

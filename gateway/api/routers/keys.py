@@ -37,7 +37,7 @@ def _out(key: ApiKey) -> ApiKeyOut:
     "",
     status_code=201,
     response_model=ApiKeyCreated,
-    responses=problem_responses(*_AUTH, 422, 503),
+    responses=problem_responses(*_AUTH, 400, 422, 503),  # 400: a body that is not JSON
     summary="Create an API key (its token is returned once)",
 )
 def create_key(
@@ -65,7 +65,7 @@ def create_key(
 @router.get(
     "",
     response_model=ApiKeyList,
-    responses=problem_responses(*_AUTH, 503),
+    responses=problem_responses(*_AUTH, 422, 503),
     summary="List API keys (never their tokens)",
 )
 def list_keys(
@@ -83,7 +83,7 @@ KeyId = Annotated[str, Path(min_length=1, max_length=32, description="The key's 
 @router.delete(
     "/{key_id}",
     response_model=ApiKeyOut,
-    responses=problem_responses(*_AUTH, 404, 503),
+    responses=problem_responses(*_AUTH, 404, 422, 503),
     summary="Revoke an API key",
 )
 def revoke_key(key_id: KeyId, principal: AdminDep, store: StoreDep) -> ApiKeyOut:

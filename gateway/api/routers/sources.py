@@ -67,7 +67,7 @@ def list_sources(principal: SourcesAdminDep, settings: SettingsDep, store: Store
     return SourceList(items=[SourceOut.model_validate(v) for v in ops.source_views(settings, store, names)])
 
 
-@router.get("/{name}", response_model=SourceOut, responses=problem_responses(*_AUTH, 404, 503), summary="One source with its status")
+@router.get("/{name}", response_model=SourceOut, responses=problem_responses(*_AUTH, 404, 422, 503), summary="One source with its status")
 def get_source(name: NameParam, principal: SourcesAdminDep, settings: SettingsDep, store: StoreDep) -> SourceOut:
     """One source's status; 404 when it is not configured or the key may not manage it."""
     _check(settings, principal, name)
@@ -76,7 +76,7 @@ def get_source(name: NameParam, principal: SourcesAdminDep, settings: SettingsDe
 
 @router.post(
     "/{name}/pause", status_code=202, response_model=SourceActionResponse,
-    responses=problem_responses(*_AUTH, 404, 503), summary="Pause a source",
+    responses=problem_responses(*_AUTH, 404, 422, 503), summary="Pause a source",
 )
 def pause_source(name: NameParam, principal: SourcesAdminDep, settings: SettingsDep, store: StoreDep) -> SourceActionResponse:
     """Stop polling: the runner reports ``paused-by-operator`` within the source's ``status_interval``
@@ -92,7 +92,7 @@ def pause_source(name: NameParam, principal: SourcesAdminDep, settings: Settings
 
 @router.post(
     "/{name}/resume", status_code=202, response_model=SourceActionResponse,
-    responses=problem_responses(*_AUTH, 404, 503), summary="Resume a source",
+    responses=problem_responses(*_AUTH, 404, 422, 503), summary="Resume a source",
 )
 def resume_source(name: NameParam, principal: SourcesAdminDep, settings: SettingsDep, store: StoreDep) -> SourceActionResponse:
     """Let a paused, failed or drift-stopped source poll again, from its committed cursor."""
@@ -107,7 +107,7 @@ def resume_source(name: NameParam, principal: SourcesAdminDep, settings: Setting
 
 @router.post(
     "/{name}/run", status_code=202, response_model=SourceActionResponse,
-    responses=problem_responses(*_AUTH, 404, 409, 503), summary="Run a source now",
+    responses=problem_responses(*_AUTH, 404, 409, 422, 503), summary="Run a source now",
 )
 def run_source(name: NameParam, principal: SourcesAdminDep, settings: SettingsDep, store: StoreDep) -> SourceActionResponse:
     """Poll at once instead of waiting for the rest of the interval: the runner sees the request
@@ -126,7 +126,7 @@ def run_source(name: NameParam, principal: SourcesAdminDep, settings: SettingsDe
 
 @router.get(
     "/{name}/cursor", response_model=SourceCursorOut,
-    responses=problem_responses(*_AUTH, 404, 503), summary="A source's committed cursor",
+    responses=problem_responses(*_AUTH, 404, 422, 503), summary="A source's committed cursor",
 )
 def get_cursor(name: NameParam, principal: SourcesAdminDep, settings: SettingsDep, store: StoreDep) -> SourceCursorOut:
     """The committed cursor, its epoch and the lease (``gateway sources cursor NAME``)."""
