@@ -868,6 +868,54 @@ class GovernanceSettings(_Section):
         return value
 
 
+def _check_amqp_transport(field: str, raw_url: str, profile: str) -> None:
+    """SEC-05 for one AMQP URL outside dev (see :meth:`Settings._prod_transport_security`).
+
+    Raises:
+        ValueError: naming ``field`` and the rule (never the URL: it may hold a password).
+    """
+    import ast
+    import ssl
+    from urllib.parse import parse_qs, urlsplit
+
+    where = f"{field}: profile {profile}"
+    url = urlsplit(raw_url)
+    host = url.hostname or "localhost"  # pika's default host
+    loopback = host in ("localhost", "::1") or host.startswith("127.")
+    if (url.username or "guest") == "guest" and (profile == "prod" or not loopback):
+        raise ValueError(f"{where} refuses the 'guest' broker user; create a user for the gateway")
+    if url.scheme == "amqp" and not loopback:
+        raise ValueError(f"{where} refuses plaintext amqp:// to {url.hostname}; use amqps:// (TLS)")
+    if url.scheme != "amqps":
+        return
+    for raw in parse_qs(url.query).get("ssl_options", []):  # pika: ast.literal_eval of the value
+        try:
+            opts = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"{where}: ssl_options is not a Python literal dict") from None
+        if not isinstance(opts, dict):
+            raise ValueError(f"{where}: amqps:// needs ssl_options to be a dict (None disables TLS)")  # noqa: TRY004
+        # pika builds ssl.SSLContext(opts['protocol']); only PROTOCOL_TLS_CLIENT verifies by default
+        try:
+            context = ssl.SSLContext(opts.get("protocol", ssl.PROTOCOL_TLS_CLIENT))
+        except (ValueError, TypeError, OSError):
+            raise ValueError(f"{where}: ssl_options protocol is not an ssl.PROTOCOL_* value") from None
+        off = [
+            k for k, ok in (
+                ("protocol", context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname),
+                ("cert_reqs", opts.get("cert_reqs", ssl.CERT_REQUIRED) == ssl.CERT_REQUIRED),
+                ("verify_mode", opts.get("verify_mode", ssl.CERT_REQUIRED) == ssl.CERT_REQUIRED),
+                ("check_hostname", opts.get("check_hostname", True) is True),
+            ) if k in opts and not ok
+        ]
+        if off:
+            raise ValueError(
+                f"{where} requires TLS certificate and hostname verification (CERT_REQUIRED, "
+                f"check_hostname); ssl_options {', '.join(off)} would turn it off"
+            )
+    return
+
+
 class Settings(BaseSettings):
     """All gateway settings."""
 
@@ -926,49 +974,20 @@ class Settings(BaseSettings):
 
         test and prod: ``guest`` and plaintext ``amqp://`` only on loopback, and an ``amqps://`` URL's
         ``ssl_options`` (parsed as pika's URLParameters does) must keep CERT_REQUIRED and
-        check_hostname. prod also refuses ``guest`` on loopback.
+        check_hostname. prod also refuses ``guest`` on loopback. Checked for the gateway's broker,
+        each bridge's legacy broker and each legacy-queue (amqp) source's broker.
         """
-        if self.profile == "dev" or self.bus.url is None:
+        if self.profile == "dev":
             return self
-        import ast
-        import ssl
-        from urllib.parse import parse_qs, urlsplit
-
-        where = f"bus.url: profile {self.profile}"
-        url = urlsplit(self.bus.url.get_secret_value())
-        host = url.hostname or "localhost"  # pika's default host
-        loopback = host in ("localhost", "::1") or host.startswith("127.")
-        if (url.username or "guest") == "guest" and (self.profile == "prod" or not loopback):
-            raise ValueError(f"{where} refuses the 'guest' broker user; create a user for the gateway")
-        if url.scheme == "amqp" and not loopback:
-            raise ValueError(f"{where} refuses plaintext amqp:// to {url.hostname}; use amqps:// (TLS)")
-        if url.scheme != "amqps":
-            return self
-        for raw in parse_qs(url.query).get("ssl_options", []):  # pika: ast.literal_eval of the value
-            try:
-                opts = ast.literal_eval(raw)
-            except (ValueError, SyntaxError):
-                raise ValueError(f"{where}: ssl_options is not a Python literal dict") from None
-            if not isinstance(opts, dict):
-                raise ValueError(f"{where}: amqps:// needs ssl_options to be a dict (None disables TLS)")  # noqa: TRY004
-            # pika builds ssl.SSLContext(opts['protocol']); only PROTOCOL_TLS_CLIENT verifies by default
-            try:
-                context = ssl.SSLContext(opts.get("protocol", ssl.PROTOCOL_TLS_CLIENT))
-            except (ValueError, TypeError, OSError):
-                raise ValueError(f"{where}: ssl_options protocol is not an ssl.PROTOCOL_* value") from None
-            off = [
-                k for k, ok in (
-                    ("protocol", context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname),
-                    ("cert_reqs", opts.get("cert_reqs", ssl.CERT_REQUIRED) == ssl.CERT_REQUIRED),
-                    ("verify_mode", opts.get("verify_mode", ssl.CERT_REQUIRED) == ssl.CERT_REQUIRED),
-                    ("check_hostname", opts.get("check_hostname", True) is True),
-                ) if k in opts and not ok
-            ]
-            if off:
-                raise ValueError(
-                    f"{where} requires TLS certificate and hostname verification (CERT_REQUIRED, "
-                    f"check_hostname); ssl_options {', '.join(off)} would turn it off"
-                )
+        urls = [("bus.url", self.bus.url)] + [(f"bridges[{i}].url", b.url) for i, b in enumerate(self.bridges)]
+        urls += [
+            (f"sources[{i}].config.url", SecretStr(str(src.config["url"])))
+            for i, src in enumerate(self.sources)
+            if src.adapter == "amqp" and isinstance(src.config.get("url"), (str, SecretStr))
+        ]
+        for field, url in urls:
+            if url is not None:
+                _check_amqp_transport(field, url.get_secret_value(), self.profile)
         return self
 
     @classmethod

@@ -211,3 +211,17 @@ def test_the_sentinel_check_would_catch_a_leak(caplog: pytest.LogCaptureFixture)
     assert SENTINEL in caplog.text
     assert SENTINEL not in repr(settings)
 
+
+
+def test_the_legacy_brokers_of_bridges_and_queue_sources_follow_the_same_rule() -> None:
+    bridge = {"name": "b", "types": ["#"], "url": "amqp://legacy:pw@mainframe.example/%2F", "routing_key": "q",
+              "codec": {"format": "json"}, "fields": {"id": "data.id"}}
+    with pytest.raises(ValidationError, match=r"bridges\[0\]\.url: profile test refuses plaintext amqp://"):
+        Settings(profile="test", bridges=[bridge])
+    source = {"name": "q", "adapter": "amqp", "config": {"url": "amqp://guest:guest@mq.example/%2F", "queue": "x"},
+              "mapping": {"type": "t.x", "entity": "x", "key": ["id"]}}
+    with pytest.raises(ValidationError, match=r"sources\[0\]\.config\.url: profile test refuses the 'guest'"):
+        Settings(profile="test", sources=[source])
+    ok = {**bridge, "url": "amqps://legacy:pw@mainframe.example:5671/%2F"}
+    assert Settings(profile="test", bridges=[ok]).bridges[0].name == "b"
+    assert Settings(profile="dev", bridges=[bridge]).bridges[0].name == "b"  # dev allows it
