@@ -357,6 +357,7 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=50_000)
     ap.add_argument("--paced-rate", type=int, default=1000)
     ap.add_argument("--paced-seconds", type=float, default=10.0)
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     args = ap.parse_args()
 
     print("raw pika round trip ...", file=sys.stderr, flush=True)
@@ -380,6 +381,23 @@ def main() -> None:
     print(f"| same, one process per role | {len(paced_mp) / args.paced_seconds:,.0f} | {statistics.median(paced_mp) * ms:.1f} | {pct(paced_mp, 99) * ms:.1f} |")
     print(f"\nratio gateway / raw round trip (throughput): **{gw_rate / raw_rate:.2f}** in one process, "
           f"**{mp_rate / raw_rate:.2f}** with one process per role")
+    if args.json:
+        def figures(rate: float, lat: list[float], received: int | None = None) -> dict[str, Any]:
+            return {"events_per_s": rate, "p50_ms": statistics.median(lat) * ms if lat else None,
+                    "p99_ms": pct(lat, 99) * ms if lat else None, "received": len(lat) if received is None else received}
+
+        paced_fig = [figures(len(lat) / args.paced_seconds, lat) for lat in (paced, paced_mp)]
+        args.json.write_text(json.dumps({
+            "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "args": {**vars(args), "json": str(args.json)},
+            "raw": figures(raw_rate, raw_lat),
+            "gateway": figures(gw_rate, gw_lat),
+            "gateway_processes": figures(mp_rate, mp_lat),
+            "paced": paced_fig[0],
+            "paced_processes": paced_fig[1],
+            "ratio": gw_rate / raw_rate,
+            "ratio_processes": mp_rate / raw_rate,
+        }, indent=2))
 
 
 if __name__ == "__main__":

@@ -250,6 +250,7 @@ def main() -> None:
     ap.add_argument("--pg-url", default=DEFAULT_PG, help="PostgreSQL server URL (scratch databases are created on it)")
     ap.add_argument("--dlt", action="store_true", help="also run dlt's sql_table extract (needs dlt[postgres])")
     ap.add_argument("--dlt-python", default=sys.executable, help="interpreter with dlt installed (default: this one)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -318,6 +319,18 @@ def main() -> None:
     for name, r in results.items():
         if name.startswith("dlt "):
             print(f"ratio gateway / {name}: **{rate(gw) / rate(r):.2f}** (per row: dlt {per_row(r):.1f} µs)")
+    if args.json:
+        paths = {name: {**r, "rows_per_s": rate(r), "us_per_row": per_row(r)} for name, r in results.items()}
+        dlt_name = next((name for name in results if name.startswith("dlt ")), None)
+        args.json.write_text(json.dumps({
+            "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "args": {k: v for k, v in vars(args).items() if k != "child"} | {"json": str(args.json)},
+            "python": platform.python_version(), "cpus": os.cpu_count(),
+            "paths": paths, "raw": "raw SQLAlchemy keyset fetch, tuples", "raw_outbox": RAW_OUTBOX,
+            "gateway": GATEWAY, "dlt": dlt_name,
+            "ratio_raw": rate(gw) / rate(raw), "ratio_raw_outbox": rate(gw) / rate(floor),
+            "ratio_dlt": rate(gw) / rate(results[dlt_name]) if dlt_name else None,
+        }, indent=2))
 
 
 if __name__ == "__main__":
