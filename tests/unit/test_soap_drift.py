@@ -13,22 +13,17 @@ import logging
 import shutil
 import threading
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import pytest
-import yaml
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from adapters.soap.simulator import WSDL_PATH, XSD_PATH, SoapSimulator
 from gateway.api import create_app
 from gateway.cli import app
-from gateway.config import load_settings
-from gateway.sources.runner import SourceRunner
-from gateway.store import EventStore, make_engine
-from gateway.store.migrate import upgrade
-from tests.unit.test_soap_resilience import RETRY, eventually, ids
-from tests.unit.test_soap_source import settings, soap_config
+from tests.unit.test_soap_resilience import RunningSoapSource, eventually, ids
+from tests.unit.test_soap_source import soap_config
 
 CHECK_INTERVAL = 0.2  # seconds between drift checks while running
 
@@ -51,7 +46,7 @@ def change_xsd(wsdl: Path) -> Path:
     return xsd
 
 
-class Gateway:
+class Gateway(RunningSoapSource):
     """One gateway process's view: a SOAP source's runner in a thread, its YAML and its store."""
 
     def __init__(self, tmp_path: Path, sim: SoapSimulator, wsdl: Path, on_drift: str) -> None:
@@ -60,28 +55,7 @@ class Gateway:
             timeouts={"connect": 1, "read": 2, "operation": 2},
             drift={"check_interval": CHECK_INTERVAL, "on_drift": on_drift},
         )
-        src = settings(cfg).model_dump(mode="json")
-        src.update(interval=0.05, status_interval=0.1)
-        db = tmp_path / "g.db"
-        self.config = tmp_path / "gateway.yaml"
-        self.config.write_text(yaml.safe_dump({"store": {"url": f"sqlite:///{db}"}, "sources": [src]}))
-        self.settings = load_settings(self.config)
-        self.engine = make_engine(f"sqlite:///{db}")
-        upgrade(self.engine)
-        self.store = EventStore(self.engine)
-        self.runner = SourceRunner(self.settings.sources[0], self.store, retry=RETRY)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.runner.run, args=(self.stop,), daemon=True)
-
-    def __enter__(self) -> Self:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(10)
-        assert not self.thread.is_alive()
-        self.engine.dispose()
+        super().__init__(tmp_path, sim, cfg, status_interval=0.1)
 
     def cli(self, *args: str) -> str:
         out = CliRunner().invoke(app, [*args, "-c", str(self.config)])

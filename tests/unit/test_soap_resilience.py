@@ -7,7 +7,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import pytest
 import yaml
@@ -96,15 +96,21 @@ def test_an_endpoint_down_opens_the_breaker_which_half_opens_and_closes_when_it_
 
 # ------------------------------------------------------------------ the running source, as operators see it
 class RunningSoapSource:
-    """A SOAP source's runner in its own thread (real waits), its YAML config and its store."""
+    """A SOAP source's runner in its own thread (real waits), its YAML config and its store.
 
-    def __init__(self, tmp_path: Path, sim: SoapSimulator) -> None:
-        cfg = soap_config(sim, page_size=10, timeouts={"connect": 1, "read": 2, "operation": 2})
+    Args:
+        tmp_path: folder for the config and the SQLite store.
+        sim: the simulator the source polls.
+        cfg: the source's adapter config (default: 10 records per page, short timeouts).
+        **source: more keys of the source block (default: a breaker that opens quickly).
+    """
+
+    def __init__(self, tmp_path: Path, sim: SoapSimulator, cfg: dict[str, Any] | None = None, **source: Any) -> None:
+        if cfg is None:
+            cfg = soap_config(sim, page_size=10, timeouts={"connect": 1, "read": 2, "operation": 2})
         src = settings(cfg).model_dump(mode="json")
-        src.update(
-            interval=0.05, status_interval=0.1,
-            breaker={**BREAKER, "wait_in_open": 1.0, "half_open_permits": 1},
-        )
+        src.update(interval=0.05, status_interval=0.1)
+        src.update(source or {"breaker": {**BREAKER, "wait_in_open": 1.0, "half_open_permits": 1}})
         self.config = tmp_path / "gateway.yaml"
         self.config.write_text(yaml.safe_dump({"store": {"url": f"sqlite:///{tmp_path / 'g.db'}"}, "sources": [src]}))
         self.settings = load_settings(self.config)
@@ -115,7 +121,7 @@ class RunningSoapSource:
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.runner.run, args=(self.stop,), daemon=True)
 
-    def __enter__(self) -> RunningSoapSource:
+    def __enter__(self) -> Self:
         self.thread.start()
         return self
 
