@@ -192,3 +192,27 @@ def legacy_url(request, tmp_path) -> str:  # type: ignore[no-untyped-def]
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'legacy.db'}"
     return request.getfixturevalue("pg_db_url" if request.param == "postgres" else "mariadb_db_url")
+
+
+@pytest.fixture
+def procs(tmp_path):  # type: ignore[no-untyped-def]
+    """Gateway subprocesses of one test (tests/chaos/harness.py); every one still running is killed
+    (SIGKILL) afterwards. Used by the chaos suite and the scale-out test."""
+    from tests.chaos.harness import Processes
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    registry = Processes(logs)
+    try:
+        yield registry
+    finally:
+        registry.kill_all()
+
+
+@pytest.fixture
+def chaos_bus(amqp_url: str, bus_prefix: str) -> Iterator[str]:
+    """The bus prefix of one multi-process test; its queues and exchanges are deleted afterwards."""
+    from tests.chaos.harness import cleanup_broker
+
+    yield bus_prefix
+    cleanup_broker(amqp_url, bus_prefix, extra_queues=("chaos-sink",))

@@ -25,7 +25,6 @@ import re
 import socket
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,6 @@ from tests.chaos.harness import (
     GatewayProc,
     Processes,
     ScoredSink,
-    cleanup_broker,
     gateway_config,
     migrate,
     wait_for,
@@ -143,30 +141,15 @@ def _events(n: int) -> list[Event]:
     ]
 
 
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Processes]:
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    registry = Processes(logs)
-    try:
-        yield registry
-    finally:
-        registry.kill_all()
-
-
-@pytest.fixture
-def prefix(amqp_url: str, bus_prefix: str) -> Iterator[str]:
-    yield bus_prefix
-    cleanup_broker(amqp_url, bus_prefix, extra_queues=("chaos-sink",))
 
 
 def test_two_relays_three_scorers_score_every_event_once(
-    tmp_path: Path, pg_db_url: str, amqp_url: str, prefix: str, procs: Processes
+    tmp_path: Path, pg_db_url: str, amqp_url: str, chaos_bus: str, procs: Processes
 ) -> None:
     migrate(pg_db_url)
-    doc = gateway_config(pg_db_url, amqp_url, prefix, relay={"batch_size": 500, "claim_seconds": 10.0})
+    doc = gateway_config(pg_db_url, amqp_url, chaos_bus, relay={"batch_size": 500, "claim_seconds": 10.0})
     config = write_config(tmp_path / "gateway.yaml", doc)
-    sink = ScoredSink(amqp_url, prefix)  # bound before any event is published
+    sink = ScoredSink(amqp_url, chaos_bus)  # bound before any event is published
     sink.by_event = _ArrivalTimes()
 
     rng = random.Random()
