@@ -4,22 +4,17 @@ API process's stream hub consumes it through its own ``x-expires`` queue and ser
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pika
 import pytest
-import uvicorn
 from pydantic import SecretStr
 
-from gateway.api import create_app
 from gateway.api.routers.stream import StreamSettings
 from gateway.runtime import Gateway
 from tests.rabbit import delete_broker_objects
-from tests.unit.test_api_stream import Rig, event, gateway_settings
+from tests.unit.test_api_stream import Rig, event, gateway_settings, served
 
 pytestmark = pytest.mark.integration
 
@@ -31,27 +26,16 @@ def rig(tmp_path: Path, amqp_url: str, bus_prefix: str) -> Iterator[Rig]:
     })
     gw = Gateway(settings, roles=["relay", "scorer"])
     gw.start()
-    app = create_app(gw.settings, gw.store, gw.bus)
-    app.state.stream_settings = StreamSettings(heartbeat=0.5, buffer=100, replay=100, send_timeout=5)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
     hub_queue = None
     try:
-        yield Rig(gw, app, f"http://127.0.0.1:{sock.getsockname()[1]}", gw.scorers[0].scorer.version)
-        hub = getattr(app.state, "stream_hub", None)
-        hub_queue = hub.queue if hub is not None else None
+        with served(gw, StreamSettings(heartbeat=0.5, buffer=100, replay=100, send_timeout=5)) as r:
+            try:
+                yield r
+            finally:
+                hub = getattr(r.app.state, "stream_hub", None)
+                hub_queue = hub.queue if hub is not None else None
     finally:
-        server.should_exit = True
-        thread.join(15)
         gw.stop()
-        sock.close()
         delete_broker_objects(amqp_url, gw.topology, queues=[hub_queue] if hub_queue else [])
 
 

@@ -9,6 +9,7 @@ directly with a ``send`` that stalls, which no real socket does deterministicall
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import queue
 import socket
@@ -158,12 +159,15 @@ def gateway_settings(tmp_path: Path) -> Settings:
     )
 
 
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
-    gw = Gateway(gateway_settings(tmp_path), roles=["relay", "scorer"])
-    gw.start()
+@contextlib.contextmanager
+def served(gw: Gateway, stream: StreamSettings) -> Iterator[Rig]:
+    """The API of ``gw`` under a real uvicorn on a free loopback port (lifespan on), as a :class:`Rig`.
+
+    On the way out uvicorn must stop although streams may be open: the lifespan's shutdown closes
+    the hub, which ends them.
+    """
     app = create_app(gw.settings, gw.store, gw.bus)
-    app.state.stream_settings = StreamSettings(heartbeat=0.3, buffer=50, replay=100, send_timeout=5)
+    app.state.stream_settings = stream
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
@@ -176,11 +180,21 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
     try:
         yield Rig(gw, app, f"http://127.0.0.1:{sock.getsockname()[1]}", gw.scorers[0].scorer.version)
     finally:
-        server.should_exit = True  # the lifespan's shutdown closes the hub, which ends open streams
+        server.should_exit = True
         thread.join(15)
-        gw.stop()
         sock.close()
     assert not thread.is_alive(), "uvicorn did not stop: an open stream was not ended"
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    gw = Gateway(gateway_settings(tmp_path), roles=["relay", "scorer"])
+    gw.start()
+    try:
+        with served(gw, StreamSettings(heartbeat=0.3, buffer=50, replay=100, send_timeout=5)) as r:
+            yield r
+    finally:
+        gw.stop()
 
 
 def wait_for(cond: Any, what: str, timeout: float = 10.0) -> None:
