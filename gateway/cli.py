@@ -694,7 +694,7 @@ def scoring_compare(
 def _run_roles(
     settings: Settings, roles: list[str], metrics_port: int | None = None, scoring_routes: list[str | None] | None = None
 ) -> None:
-    from gateway.runtime import Gateway
+    from gateway.runtime import Gateway, tune_process
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -711,6 +711,7 @@ def _run_roles(
         except OSError as exc:  # e.g. the port is taken: do not run half-started without metrics
             gw.stop()
             _fail(f"resilience.metrics_port {metrics_port}: cannot serve /metrics ({exc})", 1)
+    tune_process(settings.process)
     log.info("gateway running roles: %s", ", ".join(roles))
     stop.wait()
     log.info("stopping: finishing in-flight work")
@@ -788,7 +789,7 @@ def demo(
         legacy_queue_reachable,
         start_soap_service,
     )
-    from gateway.runtime import Gateway
+    from gateway.runtime import Gateway, tune_process
 
     _setup_logging(log_level)
     folder = workdir or Path(tempfile.mkdtemp(prefix="gateway-demo-"))
@@ -819,6 +820,7 @@ def demo(
     for src in settings.sources:
         gw.store.set_cursor(src.name, None)  # a fresh legacy database: read it from the start
     gw.start()
+    tune_process(settings.process)
     writer = LegacyWriter(legacy_url, next_id)
     soap_writer = SoapOrderWriter(sim, orders + 1)
     writers: list[Any] = [writer, soap_writer]

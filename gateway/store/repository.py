@@ -565,7 +565,10 @@ class EventStore(
             with self.engine.begin() as conn:
                 if self._pg:
                     keys = ["event_id", "model_name", "model_version"]
-                    return len(self._copy_insert(conn, scores, rows, keys, "event_id"))
+                    # The worker looks committed scores up before scoring, so a conflict here is
+                    # rare (a duplicate scored by another worker at the same time): COPY straight
+                    # into the table first, the staging path only after an integrity error.
+                    return len(self._copy_insert(conn, scores, rows, keys, "event_id", direct_first=True))
                 # One look-up per model version (the worker writes one per batch).
                 for name, version in {k[1:] for k in unique}:
                     existing = self._existing(
