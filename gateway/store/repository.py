@@ -471,6 +471,14 @@ class EventStore(
         """
         now = self._clock()
         with _guard('claim_pending'), self.engine.begin() as conn:
+            if self._pg:
+                # The oldest pending rows come from the (status, seq) index in order, stopping at
+                # ``limit``. With statistics that say pending rows are rare (a new table before its
+                # first ANALYZE, or a backlog built up since the last one) PostgreSQL prefers a
+                # bitmap scan of *every* pending row and a sort of them all -- spilled to disk
+                # with the envelopes -- on every claim: about 14 ms instead of 1 ms per 1,000 rows
+                # at 12,000 pending, growing with the backlog exactly when the relay must catch up.
+                conn.exec_driver_sql("SET LOCAL enable_sort = off")
             rows = conn.execute(self._q_claim, {"now": now, "lim": limit}).all()
             if not rows:
                 return []
