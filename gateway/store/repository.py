@@ -305,6 +305,11 @@ class EventStore(
             .values(status=EVENT_PUBLISHED, published_at=bindparam("now"), claimed_by=None, claimed_until=None)
         )
         self._q_event_exists = select(events.c.id).where(_member(events.c.id, "ids", pg))
+        self._q_scores = select(scores).where(
+            _member(scores.c.event_id, "ids", pg),
+            scores.c.model_name == bindparam("model"),
+            scores.c.model_version == bindparam("version"),
+        )
 
     # ------------------------------------------------------------------ acceptance point
     def accept(
@@ -601,14 +606,8 @@ class EventStore(
         out: dict[str, ScoreRecord] = {}
         with _guard("get_scores"), self.engine.connect() as conn:
             for chunk in _chunks(list(event_ids), 1000):
-                query = select(scores).where(
-                    and_(
-                        scores.c.event_id.in_(chunk),
-                        scores.c.model_name == model_name,
-                        scores.c.model_version == model_version,
-                    )
-                )
-                for r in conn.execute(query).all():
+                params = {"ids": list(chunk), "model": model_name, "version": model_version}
+                for r in conn.execute(self._q_scores, params).all():
                     out[r.event_id] = ScoreRecord(
                         r.event_id, r.model_name, r.model_version, float(r.score), r.explanation,
                         r.event_type, r.source_name, r.event_time, r.scored_at,
