@@ -150,7 +150,7 @@ class Store:
 # --------------------------------------------------------------------------- (a) the gateway
 def run_gateway(n: int, seed: int, pg_url: str, sqlite: bool, out: Any, *_fs_options: Any) -> None:
     from gateway.config import Settings
-    from gateway.runtime import Gateway
+    from gateway.runtime import Gateway, tune_process
     from tests.rabbit import delete_broker_objects
 
     items = bodies(n, seed)
@@ -202,6 +202,7 @@ def run_gateway(n: int, seed: int, pg_url: str, sqlite: bool, out: Any, *_fs_opt
 
         gw.bus.consumer = consumer  # type: ignore[method-assign]
         gw.start()
+        tune_process(settings.process)  # as `gateway worker --role scorer` does after start-up
         try:
             if not done.wait(300):
                 result["error"] = f"timed out with {acked[0]} of {n} acked"

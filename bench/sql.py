@@ -193,7 +193,8 @@ def path_raw_outbox(legacy: str, store_url: str, batch: int) -> int:
 
 def path_gateway(legacy: str, store_url: str, batch: int) -> int:
     """SourceRunner with the sql adapter into a PostgreSQL gateway store."""
-    from gateway.config import SourceSettings
+    from gateway.config import ProcessSettings, SourceSettings
+    from gateway.runtime import tune_process
     from gateway.sources.runner import SourceRunner
     from gateway.store import EventStore, make_engine
     from tests.legacy import source_settings
@@ -201,6 +202,7 @@ def path_gateway(legacy: str, store_url: str, batch: int) -> int:
     engine = make_engine(store_url)
     runner = SourceRunner(SourceSettings.model_validate(source_settings(legacy, batch_size=batch)), EventStore(engine))
     runner.start()  # epoch, cursor, adapter open (reflection): not part of the rate
+    tune_process(ProcessSettings())  # as the sources role does after start-up (gateway worker / run)
     start = time.perf_counter()
     while runner.run_once().has_more:
         pass
