@@ -54,3 +54,32 @@ def test_garbage_is_collected_before_the_freeze(restore_gc: None) -> None:
 def test_out_of_range_threshold_is_a_config_error(value: int) -> None:
     with pytest.raises(ValidationError, match="gc_threshold"):
         Settings(process={"gc_threshold": value})
+
+
+def test_long_running_commands_tune_after_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``gateway run`` / ``worker`` / ``api`` (``_run_roles``) tune the process once the roles started."""
+    import threading
+
+    import gateway.cli as cli
+    import gateway.runtime as runtime
+
+    calls: list[str] = []
+
+    class FakeGateway:
+        def __init__(self, settings: Settings, roles: list[str], scoring_routes: object = None) -> None:
+            calls.append("init")
+
+        def start(self) -> None:
+            calls.append("start")
+
+        def stop(self) -> None:
+            calls.append("stop")
+
+    done = threading.Event()
+    done.set()  # the signal handler's event: already set, so _run_roles returns at once
+    monkeypatch.setattr(runtime, "Gateway", FakeGateway)
+    monkeypatch.setattr(runtime, "tune_process", lambda s: calls.append(f"tune {s.gc_threshold}"))
+    monkeypatch.setattr(cli.threading, "Event", lambda: done)
+    monkeypatch.setattr(cli.signal, "signal", lambda *a: None)
+    cli._run_roles(Settings(process={"gc_threshold": 5000}), ["relay"])
+    assert calls == ["init", "start", "tune 5000", "stop"]
