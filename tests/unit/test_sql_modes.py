@@ -36,7 +36,7 @@ from sqlalchemy.dialects import mysql, postgresql, sqlite
 
 from adapters import base as adapter_base
 from adapters.sql import SqlSource
-from adapters.sql.clock import DbClock, read_db_clock
+from adapters.sql.clock import MAX_READINGS, DbClock, read_db_clock
 from adapters.sql.queries import TableQueries
 from adapters.sql.values import row_hash
 from adapters.sql.window import SeenWindow
@@ -225,6 +225,31 @@ def test_db_clock_offset_is_measured_once_a_minute_and_errs_early() -> None:
     mono[0] = 60.0
     clock.now()
     assert len(db_reads) == 2  # refreshed after a minute
+
+
+def test_db_clock_repeats_a_slow_reading_and_keeps_the_fastest() -> None:
+    """A pause between the database's clock reading and ours (a full GC, a busy scheduler) would
+    keep the horizon that much late until the next refresh: a slow reading is repeated."""
+    local = [datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)]
+    stalls = [timedelta(milliseconds=700), timedelta(milliseconds=5), timedelta(milliseconds=1)]
+    reads: list[datetime] = []
+
+    def read_db() -> datetime:
+        db = local[0] + timedelta(seconds=2)  # the database runs 2 s ahead
+        local[0] += stalls[len(reads)]  # the answer (or this process) took this long
+        reads.append(db)
+        return db
+
+    clock = DbClock(read_db, clock=lambda: local[0], monotonic=lambda: 0.0)
+    clock.measure()
+    assert len(reads) == 2  # the 5 ms reading is good enough
+    assert clock.offset == timedelta(seconds=2) - timedelta(milliseconds=5)
+
+    reads.clear()
+    stalls[:] = [timedelta(milliseconds=900), timedelta(milliseconds=300), timedelta(milliseconds=600)]
+    clock.measure()
+    assert len(reads) == MAX_READINGS == 3  # all slow: the shortest round trip is kept
+    assert clock.offset == timedelta(seconds=2) - timedelta(milliseconds=300)  # still errs early
 
 
 def test_read_db_clock_is_aware_utc_and_close_to_ours(legacy_url: str) -> None:
