@@ -26,6 +26,7 @@ import contextlib
 import signal
 import subprocess
 import tempfile
+from collections.abc import Callable
 from typing import Any
 import multiprocessing
 import json
@@ -743,17 +744,40 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=50_000)
     ap.add_argument("--paced-rate", type=int, default=1000)
     ap.add_argument("--paced-seconds", type=float, default=10.0)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="full-speed rounds (each runs the four full-speed paths back to back, the order "
+                         "reversed every other round); the figures are the median round's, the ratios the "
+                         "median of the per-round ratios")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     args = ap.parse_args()
 
-    print("raw pika round trip ...", file=sys.stderr, flush=True)
-    raw_rate, raw_lat, raw_cpu = raw_round_trip(args.events)
-    print("raw pika, two hops through a relay ...", file=sys.stderr, flush=True)
-    two_rate, two_lat, two_cpu = raw_two_hops(args.events)
-    print("gateway at full speed ...", file=sys.stderr, flush=True)
-    gw_rate, gw_lat, gw_cpu = gateway_full_speed(args.events)
-    print("gateway, one process per role ...", file=sys.stderr, flush=True)
-    mp_rate, mp_lat, mp_cpu = gateway_full_speed(args.events, processes=True)
+    paths: dict[str, tuple[str, Callable[[], tuple[float, list[float], dict[str, Any] | None]]]] = {
+        "raw": ("raw pika round trip", lambda: raw_round_trip(args.events)),
+        "raw_two_hops": ("raw pika, two hops through a relay", lambda: raw_two_hops(args.events)),
+        "gateway": ("gateway at full speed", lambda: gateway_full_speed(args.events)),
+        "gateway_processes": ("gateway, one process per role",
+                              lambda: gateway_full_speed(args.events, processes=True)),
+    }
+    results: dict[str, list[tuple[float, list[float], dict[str, Any] | None]]] = {k: [] for k in paths}
+    for r in range(max(1, args.rounds)):
+        order = list(paths) if r % 2 == 0 else list(reversed(paths))
+        for key in order:
+            label, run = paths[key]
+            print(f"round {r + 1}: {label} ...", file=sys.stderr, flush=True)
+            results[key].append(run())
+
+    def median_round(key: str) -> tuple[float, list[float], dict[str, Any] | None]:
+        runs = sorted(results[key], key=lambda x: x[0])
+        return runs[(len(runs) - 1) // 2]
+
+    def per_round_ratio(a: str, b: str) -> float | None:
+        values = [x[0] / y[0] for x, y in zip(results[a], results[b]) if y[0]]
+        return statistics.median(values) if values else None
+
+    raw_rate, raw_lat, raw_cpu = median_round("raw")
+    two_rate, two_lat, two_cpu = median_round("raw_two_hops")
+    gw_rate, gw_lat, gw_cpu = median_round("gateway")
+    mp_rate, mp_lat, mp_cpu = median_round("gateway_processes")
     print("gateway paced ...", file=sys.stderr, flush=True)
     paced = gateway_paced(args.paced_rate, args.paced_seconds)
     print("gateway paced, one process per role ...", file=sys.stderr, flush=True)
@@ -764,13 +788,22 @@ def main() -> None:
     def lat_cells(lat: list[float]) -> str:
         return f"{statistics.median(lat) * ms:.1f} | {pct(lat, 99) * ms:.1f}" if lat else "- | -"
 
-    def ratio(a: float, b: float) -> float | None:
-        return a / b if b else None
+    rounds = len(results["raw"])
+    ratios = {
+        "ratio": per_round_ratio("gateway", "raw"),
+        "ratio_processes": per_round_ratio("gateway_processes", "raw"),
+        "ratio_two_hops": per_round_ratio("gateway", "raw_two_hops"),
+        "ratio_two_hops_processes": per_round_ratio("gateway_processes", "raw_two_hops"),
+        "two_hops_over_one_hop": per_round_ratio("raw_two_hops", "raw"),
+    }
 
     def r2(v: float | None) -> str:
         return "-" if v is None else f"{v:.2f}"
 
-    print(f"\n## End-to-end benchmark ({args.events} events, {time.strftime('%Y-%m-%d %H:%M')})\n")
+    print(f"\n## End-to-end benchmark ({args.events} events, {rounds} round(s), {time.strftime('%Y-%m-%d %H:%M')})\n")
+    if rounds > 1:
+        print("Full-speed rows: the median round of each path; ratios: the median of the per-round ratios "
+              "(each round runs every path back to back).\n")
     print("| path | events/s | p50 ms | p99 ms |")
     print("|---|---:|---:|---:|")
     print(f"| raw pika: publish (confirms, window 1000) -> quorum queue -> consume (ack/100) | {raw_rate:,.0f} | {lat_cells(raw_lat)} |")
@@ -779,12 +812,15 @@ def main() -> None:
     print(f"| same, one process per role (sources, relay, scorer) | {mp_rate:,.0f} | {lat_cells(mp_lat)} |")
     print(f"| gateway paced at {args.paced_rate}/s, row commit -> scored event received | {len(paced) / args.paced_seconds:,.0f} | {lat_cells(paced)} |")
     print(f"| same, one process per role | {len(paced_mp) / args.paced_seconds:,.0f} | {lat_cells(paced_mp)} |")
-    print(f"\nratio gateway / raw round trip (throughput): **{r2(ratio(gw_rate, raw_rate))}** in one process, "
-          f"**{r2(ratio(mp_rate, raw_rate))}** with one process per role (goal >= 0.5)")
-    print(f"\nratio gateway / raw two-hop relay (throughput): **{r2(ratio(gw_rate, two_rate))}** in one process, "
-          f"**{r2(ratio(mp_rate, two_rate))}** with one process per role (design target 0.6-0.8)")
-    print(f"\nraw two hops / raw one hop: **{r2(ratio(two_rate, raw_rate))}** (the topology's own ceiling "
+    print(f"\nratio gateway / raw round trip (throughput): **{r2(ratios['ratio'])}** in one process, "
+          f"**{r2(ratios['ratio_processes'])}** with one process per role (goal >= 0.5)")
+    print(f"\nratio gateway / raw two-hop relay (throughput): **{r2(ratios['ratio_two_hops'])}** in one process, "
+          f"**{r2(ratios['ratio_two_hops_processes'])}** with one process per role (design target 0.6-0.8)")
+    print(f"\nraw two hops / raw one hop: **{r2(ratios['two_hops_over_one_hop'])}** (the topology's own ceiling "
           "against the one-hop goal of 0.5)")
+    if rounds > 1:
+        print("\nevents/s per round: " + "; ".join(
+            f"{k} " + ", ".join(f"{x[0]:,.0f}" for x in results[k]) for k in paths))
     table = cpu_table(cpu)
     if table:
         print("\n### Where the CPU goes (measurement window only: first publish or acceptance -> last received)\n")
@@ -808,12 +844,9 @@ def main() -> None:
             "gateway_processes": figures(mp_rate, mp_lat),
             "paced": paced_fig[0],
             "paced_processes": paced_fig[1],
-            "ratio": ratio(gw_rate, raw_rate),
-            "ratio_processes": ratio(mp_rate, raw_rate),
+            **ratios,
             "raw_two_hops": figures(two_rate, two_lat),
-            "ratio_two_hops": ratio(gw_rate, two_rate),
-            "ratio_two_hops_processes": ratio(mp_rate, two_rate),
-            "two_hops_over_one_hop": ratio(two_rate, raw_rate),
+            "rounds": {k: [x[0] for x in results[k]] for k in paths},
             "cpu": cpu,
             "cpu_components": CPU_COMPONENTS,
             "cpu_paths": CPU_PATHS,

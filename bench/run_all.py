@@ -55,7 +55,7 @@ class Bench:
 
 BENCHES = [
     Bench("e2e", "e2e.py", "End to end: PostgreSQL table -> outbox -> RabbitMQ -> scorer -> scored exchange",
-          ["--events", "50000", "--paced-rate", "1000", "--paced-seconds", "10"],
+          ["--events", "50000", "--rounds", "3", "--paced-rate", "1000", "--paced-seconds", "10"],
           ["--events", "5000", "--paced-rate", "500", "--paced-seconds", "3"]),
     Bench("scorer", "scorer_throughput.py", "Scorer role against a FastStream scorer",
           ["--events", "10000", "--rounds", "2"],
@@ -322,6 +322,18 @@ def sec_e2e(d: dict[str, Any]) -> Section:
         r2 = f"{f['events_per_s'] / two_rate:.2f}" if full_speed and two_rate else "-"
         s.lines.append(f"| {name} | {_n(f['events_per_s'])} | {_n(f['p50_ms'], 1)} | {_n(f['p99_ms'], 1)} | "
                        f"{_n(f['received'])} | {r1} | {r2} |")
+    per_round = d.get("rounds") or {}
+    if any(len(v) > 1 for v in per_round.values()):
+        names = {"raw": "raw one hop", "raw_two_hops": "raw two hops", "gateway": "gateway, one process",
+                 "gateway_processes": "gateway, one process per role"}
+        s.lines += [
+            "",
+            (f"{len(next(iter(per_round.values())))} rounds, each running the four full-speed paths back to back "
+             "(the order reversed every other round): the rows above are each path's median round (their ratio "
+             "columns divide those), and the summary's ratios are the medians of the per-round ratios. Events/s "
+             "per round: "
+             + "; ".join(f"{names.get(k, k)} " + ", ".join(_n(x) for x in v) for k, v in per_round.items()) + "."),
+        ]
     expected = a["events"]
     for key in ("raw", "raw_two_hops", "gateway", "gateway_processes"):
         if d.get(key) and d[key]["received"] != expected:
