@@ -356,30 +356,6 @@ def _raw_result(name: str, n: int, latencies: list[float], t_first: list[float],
     return got / (last[0] - t_first[0]), latencies, sampler.split(t_first[0] + wall, last[0] + wall, got)
 
 
-def raw_round_trip(n: int, size: int = 1024) -> tuple[float, list[float], dict[str, Any] | None]:
-    """Publish n persistent messages with confirms in flight while consuming with manual acks."""
-    queue = "bench-raw-" + uuid.uuid4().hex[:8]
-    setup = pika.BlockingConnection(pika.URLParameters(AMQP))
-    ch = setup.channel()
-    ch.queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
-    pad = "x" * max(0, size - 60)
-    latencies: list[float] = []
-    t_first: list[float] = []
-    last: list[float] = []
-    sampler = CpuSampler(lambda: {"bench_clients": [os.getpid()]}).start()
-    ct = threading.Thread(target=_raw_consume, args=(queue, n, latencies, last))
-    ct.start()
-    time.sleep(0.3)
-    pt = threading.Thread(target=_raw_publish, args=(queue, n, pad, t_first))
-    pt.start()
-    pt.join()
-    ct.join(120)
-    sampler.stop()
-    ch.queue_delete(queue)
-    setup.close()
-    return _raw_result("raw one hop", n, latencies, t_first, last, sampler)
-
-
 def _raw_relay(src: str, dst: str, ready: threading.Event, ctl: dict[str, Any]) -> None:
     """Consume src (prefetch 1000, manual ack) and republish each body to dst with confirms, on ONE
     SelectConnection. The src deliveries are acked (multiple) only once the confirms of their copies
@@ -441,53 +417,68 @@ def _raw_relay(src: str, dst: str, ready: threading.Event, ctl: dict[str, Any]) 
     conn.ioloop.start()
 
 
+def raw_round_trip(n: int, size: int = 1024) -> tuple[float, list[float], dict[str, Any] | None]:
+    """Publish n persistent messages with confirms in flight while consuming with manual acks."""
+    return _raw_path(n, size, hops=1)
+
+
 def raw_two_hops(n: int, size: int = 1024) -> tuple[float, list[float], dict[str, Any] | None]:
     """The gateway's topology with no logic: publisher -> quorum queue A -> relay -> quorum queue B -> consumer.
 
     Publisher and consumer as in raw_round_trip; the relay in its own thread (``_raw_relay``).
     Throughput: first publish to last message received from B; latency: publish -> received from B.
     """
+    return _raw_path(n, size, hops=2)
+
+
+def _raw_path(n: int, size: int, hops: int) -> tuple[float, list[float], dict[str, Any] | None]:
+    """One raw path: publisher -> quorum queue [-> relay -> quorum queue] -> consumer (``hops`` 1 or 2)."""
     tag = uuid.uuid4().hex[:8]
-    qa, qb = f"bench-raw2-{tag}-a", f"bench-raw2-{tag}-b"
+    queues = [f"bench-raw{hops}-{tag}-{i}" for i in range(hops)]
     setup = pika.BlockingConnection(pika.URLParameters(AMQP))
     ch = setup.channel()
-    for q in (qa, qb):
+    for q in queues:
         ch.queue_declare(q, durable=True, arguments={"x-queue-type": "quorum"})
     pad = "x" * max(0, size - 60)
     latencies: list[float] = []
     t_first: list[float] = []
     last: list[float] = []
     sampler = CpuSampler(lambda: {"bench_clients": [os.getpid()]}).start()
-    ready = threading.Event()
     ctl: dict[str, Any] = {"acked": 0, "nacked": 0}
-    rt = threading.Thread(target=_raw_relay, args=(qa, qb, ready, ctl), daemon=True)
-    rt.start()
-    if not ready.wait(30):
-        print("WARNING: raw two hops: the relay did not start consuming within 30 s", file=sys.stderr)
-    ct = threading.Thread(target=_raw_consume, args=(qb, n, latencies, last))
+    rt: threading.Thread | None = None
+    if hops == 2:
+        ready = threading.Event()
+        rt = threading.Thread(target=_raw_relay, args=(queues[0], queues[1], ready, ctl), daemon=True)
+        rt.start()
+        if not ready.wait(30):
+            print("WARNING: raw two hops: the relay did not start consuming within 30 s", file=sys.stderr)
+    ct = threading.Thread(target=_raw_consume, args=(queues[-1], n, latencies, last))
     ct.start()
     time.sleep(0.3)
-    pt = threading.Thread(target=_raw_publish, args=(qa, n, pad, t_first))
+    pt = threading.Thread(target=_raw_publish, args=(queues[0], n, pad, t_first))
     pt.start()
     pt.join()
     ct.join(120)
-    # The relay acks its last deliveries once their confirms arrive, right after the consumer got them.
-    deadline = time.monotonic() + 10
-    while ctl["acked"] < n and rt.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.01)
+    if rt is not None:
+        # The relay acks its last deliveries once their confirms arrive, right after the consumer got them.
+        deadline = time.monotonic() + 10
+        while ctl["acked"] < n and rt.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
     sampler.stop()
-    conn = ctl.get("conn")
-    if conn is not None and rt.is_alive():
-        conn.ioloop.add_callback_threadsafe(lambda: conn.close() if conn.is_open else None)
-    rt.join(10)
-    if ctl["acked"] < n:
-        print(f"WARNING: raw two hops: the relay acked {ctl['acked']} of {n} deliveries", file=sys.stderr)
-    if ctl["nacked"]:
-        print(f"WARNING: raw two hops: {ctl['nacked']} copies nacked by the broker (published again)", file=sys.stderr)
-    for q in (qa, qb):
+    if rt is not None:
+        conn = ctl.get("conn")
+        if conn is not None and rt.is_alive():
+            conn.ioloop.add_callback_threadsafe(lambda: conn.close() if conn.is_open else None)
+        rt.join(10)
+        if ctl["acked"] < n:
+            print(f"WARNING: raw two hops: the relay acked {ctl['acked']} of {n} deliveries", file=sys.stderr)
+        if ctl["nacked"]:
+            print(f"WARNING: raw two hops: {ctl['nacked']} copies nacked by the broker (published again)",
+                  file=sys.stderr)
+    for q in queues:
         ch.queue_delete(q)
     setup.close()
-    return _raw_result("raw two hops", n, latencies, t_first, last, sampler)
+    return _raw_result(CPU_PATHS["raw" if hops == 1 else "raw_two_hops"], n, latencies, t_first, last, sampler)
 
 
 # --------------------------------------------------------------------------- gateway

@@ -324,8 +324,7 @@ def sec_e2e(d: dict[str, Any]) -> Section:
                        f"{_n(f['received'])} | {r1} | {r2} |")
     per_round = d.get("rounds") or {}
     if any(len(v) > 1 for v in per_round.values()):
-        names = {"raw": "raw one hop", "raw_two_hops": "raw two hops", "gateway": "gateway, one process",
-                 "gateway_processes": "gateway, one process per role"}
+        names = d.get("cpu_paths") or E2E_CPU_PATHS
         s.lines += [
             "",
             (f"{len(next(iter(per_round.values())))} rounds, each running the four full-speed paths back to back "

@@ -48,18 +48,34 @@ def expected(ev: Event) -> float:
     return (float(ev.data["amount"]) + 1.0) / 100.0
 
 
-def test_remote_scoring_opens_the_breaker_on_failure_and_slowness_and_recovers(
-    bus_prefix: str, sqlite_store: EventStore
-) -> None:
+def _rig(bus_prefix: str, wait_in_open: float) -> tuple[RetrySchedule, Topology, InMemoryBus, CircuitBreaker]:
+    """The in-process bus (with a test queue on the scored exchange) and the model's breaker."""
     schedule = RetrySchedule(min_delay=0.02, base_delay=0.05, max_delay=0.1, window=120.0)
     topo = Topology(bus_prefix, delivery_limit=1000, retry_ttls_ms=schedule.level_ttls_ms(100))
     bus = InMemoryBus(topo)
     bus.declare_topology()
     bus.declare_queue(QueueSpec(TEST_QUEUE, {}, ((topo.scored_exchange, "#"),)))
     breaker = CircuitBreaker("scorer:fraud", scorer_breaker_policy(BreakerPolicy(
-        window_size=4, minimum_calls=4, failure_rate_threshold=50, wait_in_open=0.2, half_open_permits=2,
+        window_size=4, minimum_calls=4, failure_rate_threshold=50, wait_in_open=wait_in_open, half_open_permits=2,
         slow_call_duration=60.0,
     )))
+    return schedule, topo, bus, breaker
+
+
+def _sender(bus: InMemoryBus, topo: Topology) -> Callable[[list[Event]], None]:
+    """Publish events to the events exchange, as the relay does."""
+    publisher = bus.publisher()
+
+    def send(batch: list[Event]) -> None:
+        publisher.publish(topo.events_exchange, [Message(e.to_json(), e.type, e.id) for e in batch]).result(5)
+
+    return send
+
+
+def test_remote_scoring_opens_the_breaker_on_failure_and_slowness_and_recovers(
+    bus_prefix: str, sqlite_store: EventStore
+) -> None:
+    schedule, topo, bus, breaker = _rig(bus_prefix, wait_in_open=0.2)
     opened = threading.Semaphore(0)
     transitions: list[str] = []
 
@@ -70,10 +86,7 @@ def test_remote_scoring_opens_the_breaker_on_failure_and_slowness_and_recovers(
 
     breaker.add_listener(on_transition)
     events = make_events(60)
-    publisher = bus.publisher()
-
-    def send(batch: list[Event]) -> None:
-        publisher.publish(topo.events_exchange, [Message(e.to_json(), e.type, e.id) for e in batch]).result(5)
+    send = _sender(bus, topo)
 
     def dead() -> int:
         return len(sqlite_store.list_dead_letters()) + bus.queue_depth(topo.dead_letter_queue)
@@ -144,15 +157,7 @@ def test_a_failing_or_slow_server_opens_the_breaker_the_fallback_scores_and_the_
     spell a half-open trial finds the server back and it scores again. No event waits, none is lost."""
     from gateway.scoring.routing import build_fallback
 
-    schedule = RetrySchedule(min_delay=0.02, base_delay=0.05, max_delay=0.1, window=120.0)
-    topo = Topology(bus_prefix, delivery_limit=1000, retry_ttls_ms=schedule.level_ttls_ms(100))
-    bus = InMemoryBus(topo)
-    bus.declare_topology()
-    bus.declare_queue(QueueSpec(TEST_QUEUE, {}, ((topo.scored_exchange, "#"),)))
-    breaker = CircuitBreaker("scorer:fraud", scorer_breaker_policy(BreakerPolicy(
-        window_size=4, minimum_calls=4, failure_rate_threshold=50, wait_in_open=0.5, half_open_permits=2,
-        slow_call_duration=60.0,
-    )))
+    schedule, topo, bus, breaker = _rig(bus_prefix, wait_in_open=0.5)
     transitions: list[str] = []
     breaker.add_listener(lambda _n, _o, new: transitions.append(new.value))
     fallback = build_fallback(ScoringSettings(
@@ -162,10 +167,7 @@ def test_a_failing_or_slow_server_opens_the_breaker_the_fallback_scores_and_the_
     ))
     assert fallback is not None
     events = make_events(94)
-    publisher = bus.publisher()
-
-    def send(batch: list[Event]) -> None:
-        publisher.publish(topo.events_exchange, [Message(e.to_json(), e.type, e.id) for e in batch]).result(5)
+    send = _sender(bus, topo)
 
     def scored(model: str, version: str, batch: list[Event]) -> int:
         return len(sqlite_store.get_scores([e.id for e in batch], model, version))

@@ -238,6 +238,14 @@ def test_business_fault_is_permanent_with_code_and_not_retried(sqlite_store: Eve
     r.adapter.close()
 
 
+def _timed_failed_fetch(src: SoapSource) -> tuple[float, Exception]:
+    """Seconds until ``fetch`` failed, and how the adapter classifies the failure."""
+    t0 = time.monotonic()
+    with pytest.raises(Exception) as ei:
+        src.fetch(None, 10)
+    return time.monotonic() - t0, src.classify_error(ei.value)
+
+
 @pytest.mark.parametrize("mode", ["hang", "delay", "trickle"])
 def test_hung_endpoint_is_bounded_by_the_operation_timeout(sim: SoapSimulator, mode: str) -> None:
     sim.add_orders(3)
@@ -250,12 +258,9 @@ def test_hung_endpoint_is_bounded_by_the_operation_timeout(sim: SoapSimulator, m
         sim.delay = 5.0
     else:
         sim.trickle = 0.05  # a byte every 50 ms: the read timeout never trips
-    t0 = time.monotonic()
-    with pytest.raises(Exception) as ei:
-        src.fetch(None, 10)
-    elapsed = time.monotonic() - t0
+    elapsed, err = _timed_failed_fetch(src)
     assert elapsed < 1.0 + 1.0, elapsed
-    assert isinstance(src.classify_error(ei.value), TransientError)
+    assert isinstance(err, TransientError)
     src.close()
 
 
@@ -283,12 +288,8 @@ def test_connect_timeout_bounds_an_endpoint_that_never_accepts(sim: SoapSimulato
     cfg = soap_config(sim, endpoint=f"http://127.0.0.1:{blackhole}/soap", timeouts={"connect": 0.5, "read": 30, "operation": 30})
     src = SoapSource(SoapSource.parse_config(cfg), source_name="legacy-orders")  # type: ignore[arg-type]
     src.open()  # the WSDL comes from the simulator; the calls go to the port that never accepts
-    t0 = time.monotonic()
-    with pytest.raises(Exception) as ei:
-        src.fetch(None, 10)
-    elapsed = time.monotonic() - t0
+    elapsed, err = _timed_failed_fetch(src)
     assert 0.4 < elapsed < 1.5, elapsed
-    err = src.classify_error(ei.value)
     assert isinstance(err, TransientError) and "ConnectTimeout" in str(err)
     src.close()
 
@@ -299,12 +300,8 @@ def test_read_timeout_bounds_a_silent_answer_before_the_operation_timeout(sim: S
     src = SoapSource(SoapSource.parse_config(cfg), source_name="legacy-orders")  # type: ignore[arg-type]
     src.open()
     sim.hang = True  # the request is read, no byte of an answer follows
-    t0 = time.monotonic()
-    with pytest.raises(Exception) as ei:
-        src.fetch(None, 10)
-    elapsed = time.monotonic() - t0
+    elapsed, err = _timed_failed_fetch(src)
     assert 0.4 < elapsed < 1.5, elapsed
-    err = src.classify_error(ei.value)
     assert isinstance(err, TransientError) and "ReadTimeout" in str(err)
     src.close()
 
